@@ -1,0 +1,300 @@
+"""Trainer: steps, epochs, validation, early stopping, checkpoints, timing.
+
+One code path for every engine: the Trainer calls the :class:`~segcore.engines.Engine`
+interface only. Losses and metrics are reduced across ranks as sums, so a run on N
+workers reports exactly what one process would on the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from segcore.config import RunConfig
+from segcore.data.classes import ClassScheme
+from segcore.data.dataset import IGNORE_INDEX
+from segcore.dist import DistContext, all_reduce_sum
+from segcore.engines import Engine
+from segcore.metrics import ConfusionMatrix
+from segcore.telemetry import StepTimer, cuda_sync_fn
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, binary: bool,
+                      class_weights: torch.Tensor | None = None, dice: bool = False,
+                      reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (or BCE-with-logits for a 1-channel binary head), plus optional Dice.
+
+    Pixels labelled ``IGNORE_INDEX`` contribute nothing. With ``reduction="sum"`` the
+    summed loss is returned (used to reduce validation loss exactly across ranks).
+    """
+    logits = logits.float()
+    valid = target != IGNORE_INDEX
+    if binary:
+        t = target.clamp(max=1).float()
+        per_px = F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none")
+        if class_weights is not None:
+            per_px = per_px * class_weights[target.clamp(max=1)]
+        per_px = per_px * valid
+        loss = per_px.sum() if reduction == "sum" else per_px.sum() / valid.sum().clamp(min=1)
+    else:
+        loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
+    if dice:
+        loss = loss + dice_loss(logits, target, binary)
+    return loss
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, binary: bool,
+              eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss (1 - mean per-class Dice) over valid pixels."""
+    valid = (target != IGNORE_INDEX).unsqueeze(1)
+    t = target.clamp(max=(1 if binary else logits.shape[1] - 1))
+    if binary:
+        p = torch.sigmoid(logits)
+        p = torch.cat([1 - p, p], dim=1)
+        n = 2
+    else:
+        p = logits.softmax(dim=1)
+        n = logits.shape[1]
+    onehot = F.one_hot(t, n).permute(0, 3, 1, 2).to(p.dtype)
+    p, onehot = p * valid, onehot * valid
+    inter = (p * onehot).sum(dim=(0, 2, 3))
+    denom = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (the primary rank writes it out)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    timing: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # of the best epoch
+    confusion: torch.Tensor | None = None
+    epochs: int = 0
+    steps: int = 0
+    train_time_s: float = 0.0
+    time_to_target_s: float | None = None
+    stopped_early: bool = False
+
+
+def save_checkpoint_atomic(state: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a killed run never leaves a
+    half-written checkpoint that a later resume would trust."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint_atomic` (weights only: no code
+    is unpickled)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Trainer:
+    """Train and validate one configuration.
+
+    Args:
+        cfg: the run configuration.
+        engine: model + optimizer wrapped for the chosen engine.
+        train_loader: iterable of (image, mask) batches; its sampler (if any) has
+            ``set_epoch``.
+        val_loader: evaluation batches, each image on exactly one rank.
+        scheme: the class scheme (names, binary or not).
+        ctx: this process's distributed context.
+        log: called with progress lines on the primary rank (``None``: silent).
+        checkpoint_path: where to write the checkpoint each validation (primary only).
+        class_weights: optional per-class loss weights.
+    """
+
+    def __init__(self, cfg: RunConfig, engine: Engine, train_loader, val_loader,
+                 scheme: ClassScheme, ctx: DistContext,
+                 log: Callable[[str], None] | None = None,
+                 checkpoint_path: str | Path | None = None,
+                 class_weights: torch.Tensor | None = None) -> None:
+        self.cfg, self.engine, self.ctx, self.scheme = cfg, engine, ctx, scheme
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.log = log if (log is not None and ctx.is_primary) else (lambda _msg: None)
+        self.checkpoint_path = checkpoint_path
+        self.class_weights = None if class_weights is None else class_weights.to(ctx.device)
+        self.channels_last = cfg.model.channels_last
+        self.start_epoch = 0
+        self.best_score: float | None = None
+        self.history: list[dict[str, Any]] = []
+        self.train_time_s = 0.0
+        self.time_to_target_s: float | None = None
+
+    # -- helpers --------------------------------------------------------------------
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor):
+        dev = self.ctx.device
+        nb = dev.type == "cuda"
+        x = x.to(dev, non_blocking=nb)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(dev, non_blocking=nb)
+
+    def _loss(self, logits, y, reduction="mean"):
+        return segmentation_loss(logits, y, self.scheme.is_binary, self.class_weights,
+                                 dice=self.cfg.train.loss == "ce+dice", reduction=reduction)
+
+    def _score(self, metrics: dict[str, Any]) -> float:
+        """Higher is better."""
+        if self.cfg.train.monitor == "val_loss":
+            return -metrics["val_loss"]
+        return metrics["mIoU"]
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by this Trainer."""
+        self.engine.load_state_dict(state["engine"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_score = state.get("best_score")
+        self.history = list(state.get("history", []))
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+        self.log(f"resumed from epoch {state['epoch'] + 1}")
+
+    # -- evaluation -----------------------------------------------------------------
+    @torch.inference_mode()
+    def validate(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """Metrics over the whole validation split (summed over ranks)."""
+        n_out = self.scheme.num_classes
+        cm = ConfusionMatrix(n_out, ignore_index=IGNORE_INDEX, device=self.ctx.device)
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        with self.engine.evaluation() as forward:
+            for x, y in self.val_loader:
+                x, y = self._to_device(x, y)
+                logits = forward(x)
+                loss_sum[0] += self._loss(logits, y, reduction="sum").double()
+                loss_sum[1] += (y != IGNORE_INDEX).sum()
+                cm.update_from_logits(logits.float(), y)
+        cm.all_reduce()
+        all_reduce_sum(loss_sum)
+        metrics = cm.compute(self.scheme.names)
+        metrics["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+        return metrics, cm.mat.cpu()
+
+    # -- training -------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        tc = self.cfg.train
+        timer = StepTimer(tc.warmup_steps, sync=cuda_sync_fn(self.ctx.device))
+        result = TrainResult()
+        steps_per_epoch = len(self.train_loader) // tc.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the training split gives no full batch: {len(self.train_loader)} "
+                f"micro-batches per epoch with grad_accum {tc.grad_accum}; lower "
+                "--batch-size or use more images")
+        max_steps = tc.steps if tc.steps is not None else tc.epochs * steps_per_epoch
+        epochs = tc.epochs if tc.steps is None else math.ceil(tc.steps / steps_per_epoch)
+        do_val = self.cfg.mode != "throughput"
+        step = self.start_epoch * steps_per_epoch
+        patience_left = tc.patience
+        best_metrics: dict[str, Any] = {}
+        best_cm = None
+        t_start = time.perf_counter()
+        self.engine.train(True)
+        for epoch in range(self.start_epoch, epochs):
+            for obj in (getattr(self.train_loader, "sampler", None), self.train_loader,
+                        getattr(self.train_loader, "dataset", None)):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            loss_acc = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+            t_epoch = time.perf_counter()
+            it = iter(self.train_loader)
+            for _ in range(steps_per_epoch):
+                if step >= max_steps:
+                    break
+                timer.begin()
+                n_img = 0
+                for micro in range(tc.grad_accum):
+                    x, y = next(it)
+                    x, y = self._to_device(x, y)
+                    if micro == 0:
+                        timer.data_ready()
+                    sync_later = micro < tc.grad_accum - 1
+                    with self.engine.accumulate() if sync_later else contextlib.nullcontext():
+                        logits = self.engine.forward(x)
+                        loss = self._loss(logits, y)
+                        self.engine.backward(loss)
+                    loss_acc[0] += loss.detach().double()
+                    loss_acc[1] += 1
+                    n_img += x.shape[0]
+                timer.compute_done()
+                self.engine.step()
+                timer.end(n_img * self.ctx.world_size)
+                step += 1
+            self.train_time_s += time.perf_counter() - t_epoch
+            all_reduce_sum(loss_acc)
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": self.engine.lr,
+                                   "train_loss": float(loss_acc[0] / loss_acc[1].clamp(min=1)),
+                                   "train_time_s": self.train_time_s}
+            last = step >= max_steps or epoch == epochs - 1
+            improved = False
+            if do_val and ((epoch + 1) % tc.val_every == 0 or last):
+                metrics, cm = self.validate()
+                row.update(val_loss=metrics["val_loss"], mIoU=metrics["mIoU"],
+                           mDice=metrics["mDice"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"])
+                if self.time_to_target_s is None and metrics["mIoU"] >= tc.target_miou:
+                    self.time_to_target_s = self.train_time_s
+                score = self._score(metrics)
+                if self.best_score is None or score > self.best_score:
+                    self.best_score, best_metrics, best_cm = score, metrics, cm
+                    patience_left, improved = tc.patience, True
+                else:
+                    patience_left -= 1
+            self.history.append(row)
+            self._progress(row, epoch, epochs, step, max_steps, t_start)
+            if self.checkpoint_path is not None and (improved or not do_val):
+                self._save(epoch)
+            if last:
+                break
+            if do_val and tc.patience and patience_left <= 0:
+                self.log(f"early stop: {tc.monitor} has not improved for {tc.patience} "
+                         f"validation(s)")
+                result.stopped_early = True
+                break
+        if do_val and not best_metrics:
+            best_metrics, best_cm = self.validate()
+        result.history, result.timing = self.history, timer.summary()
+        result.metrics, result.confusion = best_metrics, best_cm
+        result.epochs, result.steps = len(self.history), step
+        result.train_time_s, result.time_to_target_s = self.train_time_s, self.time_to_target_s
+        return result
+
+    def _progress(self, row, epoch, epochs, step, max_steps, t_start) -> None:
+        elapsed = time.perf_counter() - t_start
+        done = max(1e-9, (epoch + 1 - self.start_epoch) / max(1, epochs - self.start_epoch))
+        eta = elapsed / done - elapsed
+        parts = [f"epoch {epoch + 1}/{epochs}", f"step {step}/{max_steps}",
+                 f"loss {row['train_loss']:.4f}"]
+        if "mIoU" in row:
+            parts += [f"val_loss {row['val_loss']:.4f}", f"mIoU {row['mIoU']:.3f}",
+                      f"aAcc {row['aAcc']:.3f}"]
+        parts += [f"lr {row['lr']:.2e}", f"elapsed {_fmt_s(elapsed)}", f"eta {_fmt_s(eta)}"]
+        self.log("  ".join(parts))
+
+    def _save(self, epoch: int) -> None:
+        # Every rank takes part (ZeRO-3 gathers shards); only the primary writes.
+        state = {"engine": self.engine.state_dict(), "epoch": epoch,
+                 "best_score": self.best_score, "history": self.history,
+                 "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
+                 "class_names": list(self.scheme.names)}
+        if self.ctx.is_primary:
+            save_checkpoint_atomic(state, self.checkpoint_path)

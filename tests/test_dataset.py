@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from segcore.data.classes import scheme
+from segcore.data.dataset import (MEAN, STD, AugmentParams, SegDataset, ShardSampler,
+                                  apply_augment, make_train_loader, split_samples)
+from segcore.data.layouts import DatasetError, discover
+
+from conftest import write_pair
+
+
+def decode_red(img: torch.Tensor) -> np.ndarray:
+    red = (img[0] * STD[0] + MEAN[0]) * 255
+    return torch.round(red / 10).long().numpy()
+
+
+def test_split_is_deterministic_disjoint_and_sized(coded_dataset):
+    idx = discover(coded_dataset)
+    train, test = split_samples(idx.samples, 0.15, seed=3)
+    assert len(test) == 2 and len(train) == 10
+    assert not {s.stem for s in train} & {s.stem for s in test}
+    assert split_samples(idx.samples, 0.15, seed=3) == (train, test)
+    assert split_samples(idx.samples, 0.15, seed=4)[1] != test
+
+
+def test_torch_augmentation_keeps_mask_aligned(coded_dataset):
+    idx = discover(coded_dataset)
+    ds = SegDataset(idx, idx.samples, scheme("full"), (32, 32), train=True, seed=1)
+    flips = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            img, mask = ds[i]
+            assert img.shape == (3, 32, 32) and mask.shape == (32, 32)
+            np.testing.assert_array_equal(decode_red(img), mask.numpy())
+            # green/blue encode the source column/row: recover the flip state
+            g = torch.round((img[1] * STD[1] + MEAN[1]) * 255)
+            flips.add(bool(g[0, 0] > g[0, -1]))
+    assert flips == {True, False}  # both flipped and unflipped draws happened
+
+
+def test_alignment_check_catches_a_one_sided_flip(coded_dataset):
+    idx = discover(coded_dataset)
+    image, mask = idx.load_image(idx.samples[0]), idx.load_mask(idx.samples[0], scheme("full"))
+    p = AugmentParams(top=4, left=8, hflip=True, vflip=False)
+    img_a, _ = apply_augment(image, mask, p, (32, 32))
+    _, mask_b = apply_augment(image, mask, AugmentParams(4, 8, False, False), (32, 32))
+    assert not np.array_equal(img_a[..., 0] // 10, mask_b)
+
+
+def test_remap_to_six_and_binary(coded_dataset):
+    idx = discover(coded_dataset)
+    s = idx.samples[0]
+    full = idx.load_mask(s, scheme("full"))
+    six = idx.load_mask(s, scheme("six"))
+    np.testing.assert_array_equal(six, scheme("six").lut[full])
+    binary = idx.load_mask(s, scheme("binary"))
+    np.testing.assert_array_equal(binary, (full == 1).astype(np.uint8))
+
+
+def test_mask_value_outside_table_is_a_clear_error(tmp_path):
+    root = tmp_path / "bad"
+    img = np.zeros((16, 16, 3), np.uint8)
+    mask = np.full((16, 16), 30, np.uint8)
+    write_pair(root, "000", img, mask)
+    write_pair(root, "001", img, np.zeros((16, 16), np.uint8))
+    idx = discover(root)
+    with pytest.raises(DatasetError, match=r"000.png holds value\(s\) \[30\].*class table"):
+        idx.load_mask(idx.samples[0], scheme("six"))
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist.*--data"):
+        discover(tmp_path / "nope")
+
+
+def test_train_shards_are_disjoint_and_eval_covers_each_once(coded_dataset):
+    idx = discover(coded_dataset)
+    ds = SegDataset(idx, idx.samples, scheme("six"), (32, 32))
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            loader = make_train_loader(ds, 2, rank, 2, seed=0)
+            loader.sampler.set_epoch(epoch)
+            seen.append(set(loader.sampler))
+        assert not seen[0] & seen[1]
+        assert seen[0] | seen[1] == set(range(len(ds)))
+    for n in (7, 12):
+        got = sorted(i for r in range(2) for i in ShardSampler(n, r, 2))
+        assert got == list(range(n))
