@@ -20,7 +20,7 @@ import torch
 from segcore.config import ConfigError, RunConfig, dump_config
 from segcore.data.classes import ClassScheme, scheme as make_scheme
 from segcore.data.dataset import (SegDataset, SyntheticBatches, make_eval_loader,
-                                  make_train_loader, split_samples)
+                                  make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.engines import build_engine
@@ -108,7 +108,7 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
     """Train and validation loaders for the configured loader type."""
     d, tc = cfg.data, cfg.train
     index = resolve_dataset(cfg, ctx, log)
-    train_s, val_s = split_samples(index.samples, d.test_fraction, d.split_seed)
+    train_s, val_s = index.split(d.test_fraction, d.split_seed)
     crop = (d.image_size, d.image_size)
     check_input_size(cfg.model, *crop)
     per_worker = tc.batch_size
@@ -291,7 +291,8 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         if not ctx.is_primary:
             return None
         write_json_atomic(out / "metrics.json", {"best": res.metrics, "history": res.history,
-                                                 "timing": res.timing})
+                                                 "timing": res.timing,
+                                                 "step_losses": res.step_losses})
         write_json_atomic(out / "result.json", row)
         try:
             from segcore import viz

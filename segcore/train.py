@@ -79,6 +79,7 @@ class TrainResult:
     timing: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)  # of the best epoch
     confusion: torch.Tensor | None = None
+    step_losses: list[float] = field(default_factory=list)  # global mean loss per step
     epochs: int = 0
     steps: int = 0
     train_time_s: float = 0.0
@@ -208,6 +209,7 @@ class Trainer:
         patience_left = tc.patience
         best_metrics: dict[str, Any] = {}
         best_cm = None
+        step_losses: list[torch.Tensor] = []  # kept on the device: no sync per step
         t_start = time.perf_counter()
         self.engine.train(True)
         for epoch in range(self.start_epoch, epochs):
@@ -235,6 +237,7 @@ class Trainer:
                         self.engine.backward(loss)
                     loss_acc[0] += loss.detach().double()
                     loss_acc[1] += 1
+                    step_losses.append(loss.detach().double())
                     n_img += x.shape[0]
                 timer.compute_done()
                 self.engine.step()
@@ -272,6 +275,9 @@ class Trainer:
                 break
         if do_val and not best_metrics:
             best_metrics, best_cm = self.validate()
+        if step_losses:
+            per_step = all_reduce_sum(torch.stack(step_losses)) / self.ctx.world_size
+            result.step_losses = per_step.cpu().tolist()
         result.history, result.timing = self.history, timer.summary()
         result.metrics, result.confusion = best_metrics, best_cm
         result.epochs, result.steps = len(self.history), step

@@ -47,6 +47,12 @@ class DatasetIndex:
     samples: list[Sample]
     problems: list[str] = field(default_factory=list)
 
+    def split(self, test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+        """(train, test) samples: deterministic per seed (see ``split_samples``)."""
+        from segcore.data.dataset import split_samples
+
+        return split_samples(self.samples, test_fraction, seed)
+
     def load_image(self, sample: Sample) -> np.ndarray:
         """RGB uint8 array (H, W, 3)."""
         with Image.open(sample.image) as im:
