@@ -192,8 +192,8 @@ def build_row(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, res: TrainR
     row["tflops"] = row["mfu"] = None
     if flops_per_image and t.get("throughput_img_s") and t["throughput_img_s"] == t["throughput_img_s"]:
         peak, source = telemetry.device_peak_tflops(ctx.device, _dtype(cfg))
-        achieved, frac = telemetry.mfu(t["throughput_img_s"], flops_per_image,
-                                       peak * ctx.world_size)
+        achieved, frac = telemetry.mfu(t["throughput_img_s"], flops_per_image, peak,
+                                       n_devices=ctx.world_size)
         row.update(tflops=achieved, mfu=frac, peak_tflops=peak * ctx.world_size,
                    peak_tflops_source=source, train_gflops_per_image=flops_per_image / 1e9)
     row.update(memory)
@@ -276,6 +276,7 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         if resume and (out / "checkpoint.pt").is_file():
             trainer.resume(load_checkpoint(out / "checkpoint.pt"))
         telemetry.reset_allocator_peak(ctx.device)
+        telemetry.reset_host_peak_rss()  # the peak then covers training, not set-up
         nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \
             else None
         if nvml:

@@ -244,28 +244,30 @@ class Trainer:
                 timer.end(n_img * self.ctx.world_size)
                 step += 1
             self.train_time_s += time.perf_counter() - t_epoch
-            all_reduce_sum(loss_acc)
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": self.engine.lr,
-                                   "train_loss": float(loss_acc[0] / loss_acc[1].clamp(min=1)),
-                                   "train_time_s": self.train_time_s}
-            last = step >= max_steps or epoch == epochs - 1
-            improved = False
-            if do_val and ((epoch + 1) % tc.val_every == 0 or last):
-                metrics, cm = self.validate()
-                row.update(val_loss=metrics["val_loss"], mIoU=metrics["mIoU"],
-                           mDice=metrics["mDice"], mAcc=metrics["mAcc"], aAcc=metrics["aAcc"])
-                if self.time_to_target_s is None and metrics["mIoU"] >= tc.target_miou:
-                    self.time_to_target_s = self.train_time_s
-                score = self._score(metrics)
-                if self.best_score is None or score > self.best_score:
-                    self.best_score, best_metrics, best_cm = score, metrics, cm
-                    patience_left, improved = tc.patience, True
-                else:
-                    patience_left -= 1
-            self.history.append(row)
-            self._progress(row, epoch, epochs, step, max_steps, t_start)
-            if self.checkpoint_path is not None and (improved or not do_val):
-                self._save(epoch)
+            with timer.paused():  # epoch bookkeeping is not training time
+                all_reduce_sum(loss_acc)
+                train_loss = float(loss_acc[0] / loss_acc[1].clamp(min=1))
+                row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": self.engine.lr,
+                                       "train_loss": train_loss,
+                                       "train_time_s": self.train_time_s}
+                last = step >= max_steps or epoch == epochs - 1
+                improved = False
+                if do_val and ((epoch + 1) % tc.val_every == 0 or last):
+                    metrics, cm = self.validate()
+                    row.update({k: metrics[k]
+                                for k in ("val_loss", "mIoU", "mDice", "mAcc", "aAcc")})
+                    if self.time_to_target_s is None and metrics["mIoU"] >= tc.target_miou:
+                        self.time_to_target_s = self.train_time_s
+                    score = self._score(metrics)
+                    if self.best_score is None or score > self.best_score:
+                        self.best_score, best_metrics, best_cm = score, metrics, cm
+                        patience_left, improved = tc.patience, True
+                    else:
+                        patience_left -= 1
+                self.history.append(row)
+                self._progress(row, epoch, epochs, step, max_steps, t_start)
+                if self.checkpoint_path is not None and (improved or not do_val):
+                    self._save(epoch)
             if last:
                 break
             if do_val and tc.patience and patience_left <= 0:

@@ -1,0 +1,293 @@
+"""Unit tests of segcore.telemetry: the timing harness is tested like any other code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from segcore import telemetry
+from segcore.telemetry import (NvmlSampler, StepTimer, allocator_peak_mb, cuda_sync_fn,
+                               device_peak_tflops, forward_flops_per_image,
+                               host_peak_rss_mb, host_rss_mb, mfu, train_flops_per_image)
+
+
+class FakeClock:
+    """A clock that only moves when the test says so."""
+
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+def run_step(timer: StepTimer, clock: FakeClock, data: float, fwd_bwd: float,
+             optim: float, n: int, gap: float = 0.0) -> None:
+    timer.begin()
+    clock.advance(data)
+    timer.data_ready()
+    clock.advance(fwd_bwd)
+    timer.compute_done()
+    clock.advance(optim)
+    timer.end(n)
+    clock.advance(gap)  # time between steps (logging, checkpoint...) counts in wall
+
+
+def test_warmup_steps_are_excluded():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=3, clock=clock)
+    for _ in range(3):  # slow warm-up: would dominate every statistic if counted
+        assert timer.in_warmup
+        run_step(timer, clock, data=1.0, fwd_bwd=5.0, optim=1.0, n=8)
+    assert not timer.in_warmup
+    for _ in range(4):
+        run_step(timer, clock, data=0.001, fwd_bwd=0.008, optim=0.001, n=8)
+    s = timer.summary()
+    assert timer.steps == 7
+    assert s["warmup_steps"] == 3
+    assert s["measured_steps"] == 4
+    assert s["images"] == 32
+    assert s["wall_s"] == pytest.approx(0.040)
+    assert s["step_ms_p99"] == pytest.approx(10.0)
+    assert s["throughput_img_s"] == pytest.approx(32 / 0.040)
+
+
+def test_warmup_zero_measures_every_step():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=0, clock=clock)
+    run_step(timer, clock, 0.0, 0.01, 0.0, n=2)
+    assert timer.summary()["measured_steps"] == 1
+
+
+def test_throughput_is_images_over_wall_not_mean_of_rates():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=1, clock=clock)
+    run_step(timer, clock, 0.5, 0.5, 0.5, n=4, gap=0.3)  # warm-up
+    durations = [0.010, 0.030, 0.100]
+    batch = [4, 4, 2]
+    for d, n in zip(durations, batch):
+        run_step(timer, clock, data=0.0, fwd_bwd=d, optim=0.0, n=n, gap=0.005)
+    s = timer.summary()
+    # Wall spans begin of the first measured step to end of the last: the gaps between
+    # measured steps count, the gap after the last one does not.
+    wall = sum(durations) + 0.005 * 2
+    assert s["wall_s"] == pytest.approx(wall)
+    assert s["throughput_img_s"] == pytest.approx(sum(batch) / wall)
+    mean_of_rates = np.mean([n / d for n, d in zip(batch, durations)])
+    assert not math.isclose(s["throughput_img_s"], mean_of_rates, rel_tol=0.05)
+
+
+def test_percentiles_mean_std_match_numpy():
+    rng = np.random.default_rng(0)
+    step_s = rng.uniform(0.01, 0.2, size=57)
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=2, clock=clock)
+    for d in [1.0, 1.0, *step_s]:
+        run_step(timer, clock, data=0.0, fwd_bwd=d, optim=0.0, n=1)
+    s = timer.summary()
+    ms = step_s * 1e3
+    for q in (50, 90, 99):
+        assert s[f"step_ms_p{q}"] == pytest.approx(np.percentile(ms, q))
+    assert s["step_ms_mean"] == pytest.approx(ms.mean())
+    assert s["step_ms_std"] == pytest.approx(ms.std(ddof=1))
+    assert timer.step_times_ms() == pytest.approx(list(ms))
+
+
+def test_data_wait_share_and_phase_medians():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=0, clock=clock)
+    # data waits 10, 30, 0 ms; steps 50, 70, 40 ms -> share 40 / 160
+    run_step(timer, clock, data=0.010, fwd_bwd=0.030, optim=0.010, n=1)
+    run_step(timer, clock, data=0.030, fwd_bwd=0.030, optim=0.010, n=1)
+    run_step(timer, clock, data=0.000, fwd_bwd=0.020, optim=0.020, n=1)
+    s = timer.summary()
+    assert s["data_wait_pct"] == pytest.approx(40 / 160 * 100)
+    assert s["fwd_bwd_ms_p50"] == pytest.approx(30.0)
+    assert s["optim_ms_p50"] == pytest.approx(10.0)
+
+
+def test_zero_measured_steps_gives_counts_and_nan():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=5, clock=clock)
+    for _ in range(3):
+        run_step(timer, clock, 0.01, 0.01, 0.01, n=4)
+    s = timer.summary()
+    assert s["warmup_steps"] == 3 and s["measured_steps"] == 0 and s["images"] == 0
+    for key in ("wall_s", "throughput_img_s", "step_ms_p50", "step_ms_p90", "step_ms_p99",
+                "step_ms_mean", "step_ms_std", "data_wait_pct", "fwd_bwd_ms_p50",
+                "optim_ms_p50"):
+        assert math.isnan(s[key]), key
+
+
+def test_sync_is_called_before_every_mark():
+    calls: list[float] = []
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=0, sync=lambda: calls.append(clock.t), clock=clock)
+    run_step(timer, clock, 0.01, 0.01, 0.01, n=1)
+    assert len(calls) == 4
+
+
+def test_optional_marks_and_misuse():
+    clock = FakeClock()
+    timer = StepTimer(warmup_steps=0, clock=clock)
+    timer.begin()
+    clock.advance(0.02)
+    timer.end(3)  # no data_ready / compute_done: phases unknown, step still counted
+    s = timer.summary()
+    assert s["step_ms_p50"] == pytest.approx(20.0)
+    assert math.isnan(s["data_wait_pct"]) and math.isnan(s["fwd_bwd_ms_p50"])
+    with pytest.raises(RuntimeError):
+        timer.end(1)
+    with pytest.raises(RuntimeError):
+        timer.data_ready()
+    timer.begin()
+    with pytest.raises(RuntimeError):
+        timer.begin()
+    with pytest.raises(ValueError):
+        StepTimer(warmup_steps=-1)
+
+
+def test_cuda_sync_fn():
+    assert cuda_sync_fn("cpu") is None
+    assert cuda_sync_fn(torch.device("cpu")) is None
+    assert callable(cuda_sync_fn("cuda:0"))  # built, not called: no GPU needed
+
+
+def test_nvml_sampler_never_raises():
+    with NvmlSampler(0, interval_s=0.01) as sampler:
+        pass
+    result = sampler.result
+    assert set(result) == {"gpu_util_pct", "power_w", "device_mem_mb"}
+    if sampler.available:
+        assert result["device_mem_mb"] is not None and result["device_mem_mb"] > 0
+    else:
+        assert sampler.error
+        assert all(v is None for v in result.values())
+    assert sampler.stop() == result  # idempotent
+
+
+def test_nvml_sampler_unavailable_without_driver():
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+        pytest.skip("this host has an NVIDIA driver")
+    except Exception:
+        pass
+    sampler = NvmlSampler(3).start()
+    assert sampler.available is False
+    assert sampler.stop() == {"gpu_util_pct": None, "power_w": None, "device_mem_mb": None}
+
+
+def test_host_memory():
+    rss = host_rss_mb()
+    peak = host_peak_rss_mb()
+    assert rss > 0
+    assert peak >= rss * 0.999
+    assert allocator_peak_mb("cpu") is None
+    telemetry.reset_allocator_peak("cpu")  # no-op on CPU
+
+
+def conv_flops(cin: int, cout: int, k: int, h: int, w: int) -> int:
+    return 2 * cin * cout * k * k * h * w
+
+
+def test_flops_single_conv_matches_analytic():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    fwd = conv_flops(3, 8, 3, 32, 32)
+    assert forward_flops_per_image(conv, (3, 32, 32)) == fwd
+    # The input needs no gradient, so backward is the weight gradient only (= forward).
+    assert train_flops_per_image(conv, (3, 32, 32)) == 2 * fwd
+    assert conv.weight.grad is None and conv.bias.grad is None
+
+
+def test_flops_two_convs_backward_is_twice_forward_after_first_layer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1))
+    model.eval()
+    before = model[1].running_mean.clone()
+    f1, f2 = conv_flops(3, 8, 3, 16, 16), conv_flops(8, 4, 3, 16, 16)
+    assert forward_flops_per_image(model, (3, 16, 16)) == f1 + f2
+    assert train_flops_per_image(model, (3, 16, 16)) == (f1 + f2) + f1 + 2 * f2
+    # The caller's model is untouched: no grads, same BN statistics, same mode.
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model[1].running_mean, before)
+    assert not model.training
+
+
+def test_flops_custom_loss_and_bad_shape():
+    conv = nn.Conv2d(2, 2, 1)
+    n = train_flops_per_image(conv, (2, 8, 8), loss_fn=lambda out: (out ** 2).mean())
+    assert n == 2 * conv_flops(2, 2, 1, 8, 8)
+    with pytest.raises(ValueError):
+        train_flops_per_image(conv, (1, 2, 8, 8))
+
+
+def test_device_peak_cpu_is_measured_and_cached():
+    peak, source = device_peak_tflops("cpu", torch.float32)
+    assert peak > 0 and math.isfinite(peak)
+    assert source.startswith("measured matmul ")
+    assert device_peak_tflops("cpu", "fp32") == (peak, source)  # memoized
+    with pytest.raises(ValueError):
+        device_peak_tflops("cpu", torch.int8)
+
+
+@pytest.mark.parametrize("name,dtype,tf32,expected,label", [
+    ("NVIDIA H100 80GB HBM3", "bf16", True, 989.4, "H100 SXM bf16"),
+    ("NVIDIA H100 PCIe", "fp16", True, 756.5, "H100 PCIe fp16"),
+    ("NVIDIA H200", "bf16", True, 989.4, "H200 SXM bf16"),
+    ("NVIDIA A100-SXM4-80GB", "fp32", True, 156.0, "A100 tf32"),
+    ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5, "A100 fp32"),
+    ("NVIDIA A10", "bf16", True, 125.0, "A10 bf16"),
+    ("NVIDIA L4", "bf16", True, 121.0, "L4 bf16"),
+    ("NVIDIA L40S", "bf16", True, 362.1, "L40S bf16"),
+    ("Tesla V100-SXM2-16GB", "bf16", True, 15.7, "V100 SXM2 fp32"),
+    ("Tesla T4", "fp16", True, 65.0, "T4 fp16"),
+    ("NVIDIA GeForce RTX 4090", "bf16", True, 165.2, "RTX 4090 bf16"),
+])
+def test_peak_table(monkeypatch, name, dtype, tf32, expected, label):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: name)
+    peak, source = device_peak_tflops("cuda:0", dtype, tf32=tf32)
+    assert peak == pytest.approx(expected)
+    assert source.startswith("table: ") and label in source
+
+
+def test_peak_table_does_not_confuse_similar_names():
+    assert telemetry._table_peak("NVIDIA A10G", "bf16", True) is None
+    assert telemetry._table_peak("NVIDIA L40", "bf16", True) is None
+    assert telemetry._table_peak("Some Future GPU", "bf16", True) is None
+
+
+def test_mfu_arithmetic():
+    tflops, frac = mfu(100.0, 1e10, 4.0)
+    assert tflops == pytest.approx(1.0) and frac == pytest.approx(0.25)
+    tflops, frac = mfu(100.0, 1e10, 4.0, n_devices=2)
+    assert tflops == pytest.approx(1.0) and frac == pytest.approx(0.125)
+    assert math.isnan(mfu(100.0, 1e10, 0.0)[1])
+    assert all(math.isnan(v) for v in mfu(float("nan"), 1e10, 4.0))
+    assert all(math.isnan(v) for v in mfu(None, 1e10, 4.0))
+
+
+def test_paused_stretches_are_excluded_from_wall_time():
+    from segcore.telemetry import StepTimer
+
+    now = [0.0]
+    t = StepTimer(warmup_steps=1, clock=lambda: now[0])
+    for i in range(4):
+        t.begin()
+        now[0] += 1.0
+        t.end(2)
+        with t.paused():  # e.g. validation after every step
+            now[0] += 10.0
+    s = t.summary()
+    # 3 measured steps of 1 s; the pauses between them do not count.
+    assert s["measured_steps"] == 3
+    assert s["wall_s"] == pytest.approx(3.0)
+    assert s["throughput_img_s"] == pytest.approx(2.0)
