@@ -93,7 +93,8 @@ class StepTimer:
         self._images: list[int] = []
         self._first_begin: float | None = None
         self._last_end: float | None = None
-        self._paused_s = 0.0  # time inside paused() after measuring began
+        self._paused_s = 0.0  # time inside paused() between measured steps
+        self._pending_pause_s = 0.0  # counted once a later measured step ends
         self._t_begin: float | None = None
         self._t_data: float | None = None
         self._t_compute: float | None = None
@@ -143,6 +144,8 @@ class StepTimer:
         if self._first_begin is None:
             self._first_begin = t0
         self._last_end = t_end
+        self._paused_s += self._pending_pause_s
+        self._pending_pause_s = 0.0
         self._step_s.append(t_end - t0)
         self._data_s.append(td - t0 if td is not None else _NAN)
         # Without data_ready the compute phase has no start, so it is left unknown rather
@@ -165,7 +168,7 @@ class StepTimer:
             yield
         finally:
             if self._first_begin is not None:
-                self._paused_s += self._now() - t0
+                self._pending_pause_s += self._now() - t0
 
     def _require_open(self, name: str) -> None:
         if self._t_begin is None:
