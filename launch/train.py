@@ -83,20 +83,20 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
     """Flags over the (optional) --config file over the defaults."""
     base = load_config(a.config).to_dict() if a.config else RunConfig().to_dict()
     m, d, t = base["model"], base["data"], base["train"]
-    sets = {
-        m: dict(arch=a.arch, norm=a.norm, channels_last=a.channels_last, compile=a.compile),
-        d: dict(source=a.data, class_scheme=a.classes, image_size=a.image_size,
+    sets = [
+        (m, dict(arch=a.arch, norm=a.norm, channels_last=a.channels_last, compile=a.compile)),
+        (d, dict(source=a.data, class_scheme=a.classes, image_size=a.image_size,
                 loader=a.loader, augment=a.augment, num_workers=a.num_workers,
-                synthetic_images=a.synthetic_images, strict=a.strict),
-        t: dict(batch_size=a.batch_size, epochs=a.epochs, steps=a.steps,
+                synthetic_images=a.synthetic_images, strict=a.strict)),
+        (t, dict(batch_size=a.batch_size, epochs=a.epochs, steps=a.steps,
                 warmup_steps=a.warmup_steps, lr=a.lr, engine=a.engine,
                 zero_stage=a.zero_stage, deepspeed_config=a.deepspeed_config,
                 precision=a.precision, loss=a.loss, class_weights=a.class_weights,
                 patience=a.patience, monitor=a.monitor, target_miou=a.target_miou,
                 strong_scaling=a.strong_scaling, grad_accum=a.grad_accum,
-                threads=a.threads, seed=a.seed, timeout_s=a.timeout_s),
-    }
-    for section, values in sets.items():
+                threads=a.threads, seed=a.seed, timeout_s=a.timeout_s)),
+    ]
+    for section, values in sets:
         section.update({k: v for k, v in values.items() if v is not None})
     if a.arch is not None:
         m["kernel"] = 0  # the chosen architecture's default kernel

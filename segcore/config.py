@@ -163,7 +163,7 @@ class TrainConfig:
     """
 
     batch_size: int = 8
-    epochs: int = 14
+    epochs: int = 8
     steps: int | None = None
     warmup_steps: int = 3
     lr: float = 3e-3

@@ -1,0 +1,169 @@
+"""Full-resolution prediction over a folder of drone photos, with flood-risk outputs.
+
+    python launch/predict.py --checkpoint runs/six/checkpoint.pt --images photos/ --out pred/
+    python launch/predict.py --checkpoint CKPT --images DIR --out DIR --truth MASKS/ \\
+        --properties my_drainage_manual.toml --precision bf16
+
+Writes to --out, per image: <stem>_classes.png (class indices), <stem>_color.png,
+<stem>_overlay.jpg; for the folder: surface_stats.csv / .json (one row per image and an
+area-weighted ALL row: impervious fraction, runoff coefficient C low/typical/high,
+unknown share, class fractions; with --truth also truth values and errors) and
+summary.png. Exit status: 0 done (some images may have been skipped: see the summary),
+1 every image failed, 2 bad arguments or inputs, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    p.add_argument("--images", required=True, help="folder of photos (or one photo)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--truth", help="folder of truth masks <image stem>.png")
+    p.add_argument("--truth-kind", choices=("target", "sdd"), default="target",
+                   help="truth values: indices of the checkpoint's class scheme (target, "
+                        "default) or 24-class SDD labels remapped like training (sdd)")
+    p.add_argument("--properties", help="TOML overriding surface kinds / runoff "
+                                        "coefficients (see segcore/flood.py)")
+    p.add_argument("--tile", type=int, default=512, help="tile side in pixels (512)")
+    p.add_argument("--overlap", type=float, default=0.25,
+                   help="fraction of a tile shared with its neighbour (0.25)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (4)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast dtype (fp16 on CUDA only)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="binary scheme: paved-area where sigmoid(logit) > threshold")
+    p.add_argument("--max-block-mb", type=float, default=1024.0,
+                   help="memory for one block of the image's accumulator (MiB, 1024)")
+    p.add_argument("--overlay-max-side", type=int, default=2048,
+                   help="downscale overlays to this long side (0: full size)")
+    p.add_argument("--max-image-pixels", type=int, default=400_000_000,
+                   help="skip larger images (decompression-bomb guard)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+class _Bars:
+    """Two tqdm bars on stderr: images, and tiles of the current image."""
+
+    def __init__(self, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.enabled = enabled
+        self.images = None
+        self.tiles = None
+
+    def log(self, msg: str) -> None:
+        self.tqdm.write(msg, file=sys.stderr)
+
+    def _images_bar(self, total: int) -> None:
+        if self.images is None:
+            self.images = self.tqdm(total=total, unit="img", desc="images", position=0,
+                                    file=sys.stderr, dynamic_ncols=True)
+
+    def image_started(self, index: int, total: int, name: str, tiles: int) -> None:
+        if not self.enabled:
+            return
+        self._images_bar(total)
+        if self.tiles is None:
+            self.tiles = self.tqdm(total=tiles, unit="tile", desc=name, position=1,
+                                   leave=False, file=sys.stderr, dynamic_ncols=True)
+        else:
+            self.tiles.reset(total=tiles)
+            self.tiles.set_description(name)
+
+    def tiles_done(self, done: int, total: int) -> None:
+        if self.tiles is not None:
+            self.tiles.n = done
+            self.tiles.refresh()
+
+    def image_finished(self, index: int, total: int, row) -> None:
+        if self.enabled:
+            self._images_bar(total)
+            self.images.update()
+
+    def close(self) -> None:
+        for bar in (self.tiles, self.images):
+            if bar is not None:
+                bar.close()
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None or v != v else format(v, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from segcore.config import ConfigError
+    from segcore.predict import Hooks, PredictError, PredictSettings, predict_checkpoint
+
+    bars = _Bars(enabled=not a.no_progress)
+    try:
+        settings = PredictSettings(
+            tile=a.tile, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
+            precision=a.precision, threshold=a.threshold, max_block_mb=a.max_block_mb,
+            overlay_max_side=a.overlay_max_side, max_image_pixels=a.max_image_pixels)
+        if a.device != "cpu":
+            import torch
+
+            if torch.cuda.is_available():
+                # Fixed tile shapes: let cuDNN pick its fastest kernels once.
+                torch.backends.cudnn.benchmark = True
+        hooks = Hooks(log=bars.log, image_started=bars.image_started,
+                      tiles_done=bars.tiles_done, image_finished=bars.image_finished)
+        res = predict_checkpoint(a.checkpoint, a.images, a.out, settings=settings,
+                                 truth=a.truth, truth_kind=a.truth_kind,
+                                 properties=a.properties, hooks=hooks)
+    except (PredictError, ConfigError, FileNotFoundError) as e:
+        bars.close()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:
+        bars.close()
+        if _is_oom(e):
+            print(f"error: out of memory: {str(e).splitlines()[0] if str(e) else e}. Lower "
+                  "--batch-size, --tile or --max-block-mb, or use --precision bf16",
+                  file=sys.stderr, flush=True)
+            return 3
+        raise
+    bars.close()
+    n_skip = len(res.skipped)
+    if res.all_row is None:
+        print(f"error: none of the {n_skip} image(s) could be read (see the lines above); "
+              f"nothing predicted, details in {res.out / 'surface_stats.json'}",
+              file=sys.stderr, flush=True)
+        return 1
+    r = res.all_row
+    print(f"predicted {res.images_done} image(s)"
+          + (f", {n_skip} skipped (unreadable, listed above)" if n_skip else "")
+          + f" -> {res.out}/surface_stats.csv")
+    print(f"ALL (area-weighted): impervious {_fmt(r['impervious_fraction'], '.1%')}, "
+          f"water {_fmt(r['water_fraction'], '.1%')} of classified ground; unknown "
+          f"{_fmt(r['unknown_fraction'], '.1%')} of pixels; runoff coefficient C "
+          f"{_fmt(r['C_typical'], '.3f')} (low {_fmt(r['C_low'], '.3f')}, high "
+          f"{_fmt(r['C_high'], '.3f')})"
+          + (f"; vs truth: impervious error {_fmt(r['impervious_fraction_err'], '+.3f')}, "
+             f"C error {_fmt(r['C_typical_err'], '+.3f')}, pixel accuracy "
+             f"{_fmt(r['pixel_accuracy'], '.3f')}" if "pixel_accuracy" in r else ""),
+          flush=True)
+    return 0
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
