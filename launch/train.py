@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
 from segcore.config import (ARCHS, ENGINES, LOADERS, MODES, NORMS, PRECISIONS,  # noqa: E402
                             SCHEMES, ConfigError, DataConfig, ModelConfig, RunConfig,
                             TrainConfig, load_config, widths_for_depth)
@@ -46,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="stop after N optimizer steps")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
     p.add_argument("--engine", choices=ENGINES)
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     p.add_argument("--deepspeed-config", help="DeepSpeed JSON merged over the generated one")
@@ -89,7 +92,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                 loader=a.loader, augment=a.augment, num_workers=a.num_workers,
                 synthetic_images=a.synthetic_images, strict=a.strict)),
         (t, dict(batch_size=a.batch_size, epochs=a.epochs, steps=a.steps,
-                warmup_steps=a.warmup_steps, lr=a.lr, engine=a.engine,
+                warmup_steps=a.warmup_steps, lr=a.lr, optimizer=a.optimizer, engine=a.engine,
                 zero_stage=a.zero_stage, deepspeed_config=a.deepspeed_config,
                 precision=a.precision, loss=a.loss, class_weights=a.class_weights,
                 patience=a.patience, monitor=a.monitor, target_miou=a.target_miou,
@@ -115,6 +118,7 @@ def config_from_args(a: argparse.Namespace) -> RunConfig:
                      out=base["out"], run_id=base["run_id"], sweep_id=base["sweep_id"])
 
 
+@record  # under torchrun: the failing rank and its error reach the agent's report
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     rank = os.environ.get("RANK")
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}error: out of memory: {e}. Lower --batch-size or --image-size, "
                   "or use --precision bf16", file=sys.stderr, flush=True)
             return 3
+        print(f"{prefix}error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise
     return 0
 

@@ -105,6 +105,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def injected_fault() -> tuple[int, int] | None:
+    """``SEGBENCH_FAULT=RANK:STEP`` makes that rank raise before that step: a drill for
+    checking that a failing worker fails the whole job fast (see docs/ARCHITECTURE.md)."""
+    spec = os.environ.get("SEGBENCH_FAULT")
+    if not spec:
+        return None
+    try:
+        rank, step = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"SEGBENCH_FAULT={spec!r}: expected RANK:STEP, e.g. 1:3") from None
+    return rank, step
+
+
 def _fmt_s(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -210,6 +223,7 @@ class Trainer:
         best_metrics: dict[str, Any] = {}
         best_cm = None
         step_losses: list[torch.Tensor] = []  # kept on the device: no sync per step
+        fault = injected_fault()
         t_start = time.perf_counter()
         self.engine.train(True)
         for epoch in range(self.start_epoch, epochs):
@@ -223,6 +237,9 @@ class Trainer:
             for _ in range(steps_per_epoch):
                 if step >= max_steps:
                     break
+                if fault is not None and fault == (self.ctx.rank, step + 1):
+                    raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step "
+                                       f"{step + 1} (SEGBENCH_FAULT)")
                 timer.begin()
                 n_img = 0
                 for micro in range(tc.grad_accum):

@@ -55,6 +55,12 @@ def make_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.zero_stage,
                               "stage3_gather_16bit_weights_on_model_save": True},
         "steps_per_print": 10 ** 9,  # our Trainer prints progress
+        # ZeRO partitions any torch optimizer's state; DeepSpeed only lists Adam-family
+        # ones as tested and refuses SGD without this.
+        "zero_allow_untested_optimizer": True,
+        # No clipping, as in the single and DDP engines (recent DeepSpeed releases clip
+        # at norm 1.0 by default, which silently changes the optimisation).
+        "gradient_clipping": 0.0,
         "wall_clock_breakdown": False,
     }
     ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * cfg.grad_accum * world_size
@@ -85,7 +91,10 @@ class DeepSpeedEngine(Engine):
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.ds_config = make_ds_config(cfg, world)
         self.cfg, self.device = cfg, device
-        self.module = model
+        # DeepSpeed broadcasts and flattens parameters through byte views, which need
+        # contiguous tensors: keep the weights NCHW. Inputs stay channels-last, and a
+        # convolution with a channels-last input produces channels-last activations.
+        model = model.to(memory_format=torch.contiguous_format)
         optimizer = make_optimizer(model.parameters(), cfg, device)
         scheduler = make_schedule(optimizer, cfg, total_steps)
         engine, self.optimizer, _, self.scheduler = ds_mod.initialize(
