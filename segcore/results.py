@@ -273,18 +273,38 @@ def append_row(folder: str | os.PathLike, row: dict[str, Any]) -> None:
         if old and not old.endswith("\n"):
             old += "\n"
         write_text_atomic(jsonl, old + line + "\n")
-        rows = _read_jsonl(jsonl)
-        df = _frame(rows)
-        for col in df.columns:
-            if df[col].dtype == object:
-                df[col] = df[col].map(_csv_cell)
-            elif df[col].dtype == "float64" and _all_int(rows, col):
-                # An integer column with gaps (e.g. params of a failed run) would be
-                # written as 1234.0; the nullable integer type keeps it 1234.
-                df[col] = df[col].astype("Int64")
-        buf = io.StringIO()
-        df.to_csv(buf, index=False)
-        write_text_atomic(folder / RUNS_CSV, buf.getvalue())
+        _write_csv(folder, _read_jsonl(jsonl))
+
+
+def write_rows(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Replace the whole table (``runs.jsonl`` and ``runs.csv``) with ``rows``, atomically.
+
+    Used after a sweep to fill columns that need every row (speedup, noise flags).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(folder):
+        write_text_atomic(folder / RUNS_JSONL, "".join(_dumps(r) + "\n" for r in rows))
+        _write_csv(folder, _read_jsonl(folder / RUNS_JSONL))
+
+
+def _write_csv(folder: Path, rows: list[dict[str, Any]]) -> None:
+    df = _frame(rows)
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].map(_csv_cell)
+        elif df[col].dtype == "float64" and _all_int(rows, col):
+            # An integer column with gaps (e.g. params of a failed run) would be
+            # written as 1234.0; the nullable integer type keeps it 1234.
+            df[col] = df[col].astype("Int64")
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_text_atomic(folder / RUNS_CSV, buf.getvalue())
+
+
+def read_records(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of ``folder/runs.jsonl`` as plain dicts (JSON nulls as ``None``)."""
+    return _read_jsonl(Path(folder) / RUNS_JSONL)
 
 
 def read_rows(folder: str | os.PathLike) -> pd.DataFrame:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -222,6 +223,7 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
     from segcore import telemetry
     from segcore.results import write_json_atomic
 
+    started_at = _utc_now()
     if cfg.train.engine in ("ddp", "deepspeed"):
         ensure_process_group_env()
     ctx = init_distributed(cfg.train.timeout_s, cfg.train.threads)
@@ -287,7 +289,8 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         nvml_stats = nvml.stop() if nvml else {}
         memory = _gather_memory(ctx, nvml_stats)
         row = build_row(cfg, ctx, scheme, res, params, flops, memory, per_worker)
-        row["wall_s"] = wall
+        row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
+                   finished_at=_utc_now())
         final_weights = engine.model_state_dict()  # collective under ZeRO-3: every rank
         if not ctx.is_primary:
             return None
@@ -307,6 +310,10 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         return row
     finally:
         teardown()
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def summary_line(row: dict[str, Any]) -> str:

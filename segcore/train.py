@@ -80,6 +80,7 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # of the best epoch
     confusion: torch.Tensor | None = None
     step_losses: list[float] = field(default_factory=list)  # global mean loss per step
+    first_step_unix: float | None = None  # wall clock at the first step (launch overhead)
     epochs: int = 0
     steps: int = 0
     train_time_s: float = 0.0
@@ -240,6 +241,8 @@ class Trainer:
                 if fault is not None and fault == (self.ctx.rank, step + 1):
                     raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step "
                                        f"{step + 1} (SEGBENCH_FAULT)")
+                if result.first_step_unix is None:
+                    result.first_step_unix = time.time()
                 timer.begin()
                 n_img = 0
                 for micro in range(tc.grad_accum):
