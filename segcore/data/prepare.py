@@ -379,7 +379,7 @@ def prepare(src: str | Path, out: str | Path, size: int = 1024, classes: str = "
                   "train": [s.stem for s in train], "test": [s.stem for s in test]},
         "image_sizes": {o.stem: list(o.out_size) for o in sorted(good.values(),
                                                                  key=lambda o: o.stem)},
-        # At cache resolution (nearest-neighbour): the shares match full resolution.
+        # Counted at cache resolution (nearest-neighbour): close to the full-size shares.
         "class_pixels_train": counts.tolist(),
         "class_frequency_train": [c / total for c in counts.tolist()],
         "skipped": list(index.problems) + problems,
