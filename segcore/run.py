@@ -183,6 +183,8 @@ def build_row(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, res: TrainR
         "widths": "-".join(map(str, cfg.model.widths)), "image_size": cfg.data.image_size,
         "class_scheme": scheme.name, "num_classes": scheme.num_classes, "params": params,
         "mode": cfg.mode, "strong_scaling": cfg.train.strong_scaling,
+        "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "augment": cfg.data.augment,
+        "threads_per_worker": torch.get_num_threads() if ctx.device.type == "cpu" else None,
     }
     for k in ("warmup_steps", "measured_steps", "throughput_img_s", "step_ms_p50",
               "step_ms_p90", "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",

@@ -397,13 +397,15 @@ def finish(out_dir: Path, log: Log = print) -> None:
     write_rows(out_dir, rows)
     df = plots.compute_speedup(read_rows(out_dir))
     write_rows(out_dir, [_clean(r) for r in df.to_dict("records")])
-    try:
-        plots.plot_all(read_rows(out_dir), out_dir / "plots")
-    except Exception as e:  # figures must never lose the table already written
-        log(f"warning: plots not drawn ({type(e).__name__}: {e})")
-    path = report.write_report(out_dir)
     ok = sum(r.get("status") == "ok" for r in rows)
-    log(f"{ok}/{len(rows)} configuration(s) ok; results in {out_dir} (report: {path})")
+    try:
+        path = report.write_report(out_dir)  # draws the plots too
+    except Exception as e:  # figures must never lose the table already written
+        log(f"warning: report not written ({type(e).__name__}: {e}); the table is "
+            f"complete, redraw with: python launch/plot.py {out_dir}")
+        path = None
+    log(f"{ok}/{len(rows)} configuration(s) ok; results in {out_dir}"
+        + (f" (report: {path})" if path else ""))
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:

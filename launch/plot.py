@@ -1,0 +1,54 @@
+"""Redraw the figures and report of a results folder, or compare several folders.
+
+    python launch/plot.py results/1xH100-80GB-20250101-120000
+    python launch/plot.py results/a100-sweep results/h100-sweep --out compare/
+
+One folder: recomputes speedup from runs.jsonl and rewrites <folder>/plots/*.png and
+<folder>/report.md (runs.jsonl and runs.csv are only read). Several folders: writes the
+comparison figures (one colour per folder) and compare.md into --out (default
+./compare). Exit status: 0 done, 2 bad arguments (a missing folder, no runs.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folders", nargs="+", metavar="RESULTS_DIR",
+                   help="results folder(s) holding runs.jsonl")
+    p.add_argument("--out", help="one folder: write plots/ and report.md here instead of "
+                                 "into it; several: the comparison folder (./compare)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    folders = [Path(f) for f in a.folders]
+    for f in folders:
+        if not f.is_dir():
+            print(f"error: {f}: no such folder", file=sys.stderr)
+            return 2
+        if not (f / "runs.jsonl").is_file():
+            print(f"error: {f} has no runs.jsonl: not a results folder", file=sys.stderr)
+            return 2
+    from segcore import report
+
+    if len(folders) == 1:
+        path = report.write_report(folders[0], out=a.out)
+        plots_dir = path.parent / "plots"
+    else:
+        path = report.write_compare(folders, Path(a.out or "compare"))
+        plots_dir = path.parent
+    print(f"wrote {path} and figures in {plots_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

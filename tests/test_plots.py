@@ -1,0 +1,405 @@
+"""Tests of segcore.plots, segcore.report and launch/plot.py on synthetic result tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from segcore import plots, report
+from segcore.results import append_row, read_rows, write_json_atomic, write_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+PNGS = [f"{n}.png" for n in plots.PLOT_NAMES]
+
+
+def ok_row(run_id: str, **kw) -> dict:
+    """An ok result row with the configuration columns a real run writes."""
+    r = {"sweep_id": "cpu-test", "run_id": run_id, "status": "ok", "error": "",
+         "engine": "ddp", "zero_stage": 0, "loader": "torch", "precision": "fp32",
+         "channels_last": True, "compile": False, "world_size": 1, "nnodes": 1,
+         "device_type": "cpu", "device_name": "Test CPU", "batch_size": 4,
+         "arch": "modern", "depth": 3, "widths": "16-32-64", "image_size": 64,
+         "class_scheme": "six", "num_classes": 6, "mode": "both", "strong_scaling": False,
+         "throughput_img_s": 10.0, "peak_mem_source": "host_peak_rss"}
+    r.update(kw)
+    r.setdefault("global_batch_size", r["batch_size"] * r["world_size"])
+    return r
+
+
+def fake_env(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
+             sweep_id: str = "cpu-test") -> dict:
+    env = {"accelerator": "cpu" if cpu else "cuda", "sweep_id": sweep_id,
+           "cpu_model": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cpu_count": 2,
+           "cpu_affinity_count": 2, "mem_total_mb": 8192.0, "python_version": "3.12.3",
+           "torch_version": "2.13.0+cpu", "cuda_version": None, "host_count": 1,
+           "git_commit": commit, "git_dirty": False, "hostname": "testhost",
+           "timestamp_utc": "2025-01-01T00:00:00+00:00",
+           "command_line": "python launch/sweep.py --gpus 1,2,4 --batch-sizes 4,8",
+           "cuda_devices": [] if cpu else [{"index": 0, "name": "NVIDIA H100 80GB HBM3",
+                                            "memory_mb": 81559.0}]}
+    write_json_atomic(folder / "env.json", env)
+    return env
+
+
+def make_sweep(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
+               speed: float = 1.0, bulk: bool = False) -> Path:
+    """A realistic small sweep: 2 engine families x depth 3,4 x batch 4,8 x 1,2,4 workers,
+    one configuration with 3 repeats (noisy), accuracy for depth 4 only, and an oom, a
+    failed, a timeout and a skipped row. Rows are appended one by one as the sweep does,
+    or with ``bulk`` written at once (faster)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows: list[dict] = []
+    add = rows.append if bulk else (lambda r: append_row(folder, r))
+    for engine, stage, prec in (("ddp", 0, "fp32"), ("deepspeed", 2, "bf16")):
+        for depth, widths in ((3, "16-32-64"), (4, "16-32-64-128")):
+            for batch in (4, 8):
+                for ws in (1, 2, 4):
+                    repeats = 3 if (engine, depth, batch) == ("ddp", 3, 8) else 1
+                    for r in range(repeats):
+                        tp = speed * batch * 3 / depth * ws * (1 - 0.05 * (ws - 1)) \
+                            * (1 + 0.1 * r)
+                        acc = depth == 4
+                        row = ok_row(
+                            f"w{ws}-{engine}{stage}-d{depth}-b{batch}"
+                            + (f"-r{r}" if repeats > 1 else ""),
+                            engine=engine, zero_stage=stage, precision=prec,
+                            world_size=ws, batch_size=batch, depth=depth, widths=widths,
+                            repeat=r, throughput_img_s=tp, step_ms_p50=1000 * batch / tp,
+                            step_ms_p99=1300 * batch / tp, data_wait_pct=2.0 + ws,
+                            peak_mem_mb=300 + 20 * batch * depth,
+                            launch_overhead_s=3.0 + ws + 0.1 * r,
+                            train_time_s=600 / tp if acc else None,
+                            mIoU=0.4 + 0.01 * batch + rng.uniform(0, 0.02) if acc else None,
+                            mDice=0.5 + 0.01 * batch if acc else None,
+                            time_to_target_s=300 / tp if acc else None, target_miou=0.4)
+                        if repeats > 1:
+                            row.update(noisy=True, throughput_spread_pct=20.0)
+                        add(row)
+    fails = [("oom", "CUDA out of memory. Tried to allocate 2.00 GiB"),
+             ("failed", "RuntimeError: gloo | connection reset by peer\nTraceback ..."),
+             ("timeout", "no progress for 1800 s"),
+             ("skipped", "world size 8 exceeds the 4 devices")]
+    for i, (status, error) in enumerate(fails):
+        add({"sweep_id": "cpu-test", "run_id": f"bad-{status}", "status": status,
+             "error": error, "engine": "ddp", "world_size": 4, "batch_size": 64 + i,
+             "depth": 4})
+    if bulk:
+        write_rows(folder, rows)
+    fake_env(folder, cpu=cpu, commit=commit)
+    return folder
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        assert im.width > 300 and im.height > 200
+        im.verify()
+
+
+@pytest.fixture(scope="module")
+def drawn(tmp_path_factory) -> tuple[Path, dict[str, plots.PlotResult]]:
+    """The realistic sweep with its plots and report, written once for several tests
+    (as the sweep's end does: plot_all, then write_report with those figures)."""
+    folder = make_sweep(tmp_path_factory.mktemp("sweep") / "cpu-test")
+    res = plots.plot_all(read_rows(folder), folder / "plots",
+                         plots.describe_context(read_rows(folder), plots.read_env(folder)))
+    report.write_report(folder, res)
+    return folder, res
+
+
+@pytest.fixture
+def sweep(drawn) -> Path:
+    return drawn[0]
+
+
+# --------------------------------------------------------------------------- speedup
+
+
+def test_compute_speedup_exact():
+    rows = [ok_row(f"w{w}", world_size=w, throughput_img_s=t)
+            for w, t in ((1, 10.0), (2, 19.0), (4, 36.0))]
+    rows += [ok_row("other-w2", world_size=2, batch_size=8, throughput_img_s=50.0),
+             ok_row("failed-w2", world_size=2, status="failed", throughput_img_s=None)]
+    df = pd.DataFrame(rows, index=[10, 11, 12, 13, 14])
+    out = plots.compute_speedup(df)
+    assert list(out.index) == [10, 11, 12, 13, 14]
+    assert list(out.columns) == list(df.columns) + ["speedup", "scaling_efficiency"]
+    assert out["speedup"].iloc[:3].tolist() == pytest.approx([1.0, 1.9, 3.6])
+    assert out["scaling_efficiency"].iloc[:3].tolist() == pytest.approx([1.0, 0.95, 0.9])
+    # Batch 8 has no 1-worker row; a failed row has no throughput.
+    assert math.isnan(out["speedup"].iloc[3]) and math.isnan(out["speedup"].iloc[4])
+    assert math.isnan(out["scaling_efficiency"].iloc[3])
+    assert "speedup" not in df  # the input is left alone
+
+
+def test_compute_speedup_median_of_repeated_baseline():
+    rows = [ok_row(f"w1-r{r}", repeat=r, throughput_img_s=t)
+            for r, t in enumerate((9.0, 10.0, 12.0))]
+    rows.append(ok_row("w2", world_size=2, throughput_img_s=19.0))
+    out = plots.compute_speedup(pd.DataFrame(rows))
+    assert out["speedup"].tolist() == pytest.approx([0.9, 1.0, 1.2, 1.9])
+    assert out["scaling_efficiency"].iloc[3] == pytest.approx(0.95)
+
+
+def test_compute_speedup_families_strong_scaling_and_nodes():
+    rows = [
+        # Strong scaling: the per-worker batch shrinks, the global batch names the family.
+        ok_row("s1", strong_scaling=True, batch_size=16, global_batch_size=16,
+               throughput_img_s=10.0),
+        ok_row("s4", strong_scaling=True, world_size=4, batch_size=4, global_batch_size=16,
+               throughput_img_s=30.0),
+        # Two nodes of 4 workers compare with the same configuration on one worker.
+        ok_row("n8", world_size=8, nnodes=2, throughput_img_s=60.0),
+        ok_row("n1", throughput_img_s=10.0),
+        # An axis only some tables have (the paper preset's lr) separates families.
+        ok_row("lr-a1", batch_size=2, lr=1e-3, throughput_img_s=4.0),
+        ok_row("lr-b1", batch_size=2, lr=1e-4, throughput_img_s=5.0),
+        ok_row("lr-a2", batch_size=2, world_size=2, lr=1e-3, throughput_img_s=8.0),
+    ]
+    out = plots.compute_speedup(pd.DataFrame(rows)).set_index("run_id")
+    assert out.loc["s4", "speedup"] == pytest.approx(3.0)
+    assert out.loc["s4", "scaling_efficiency"] == pytest.approx(0.75)
+    assert out.loc["n8", "speedup"] == pytest.approx(6.0)
+    assert out.loc["n8", "scaling_efficiency"] == pytest.approx(0.75)
+    assert out.loc["lr-a2", "speedup"] == pytest.approx(2.0)
+
+
+def test_compute_speedup_same_from_jsonl_and_csv(sweep):
+    a = plots.compute_speedup(read_rows(sweep))
+    b = plots.compute_speedup(pd.read_csv(sweep / "runs.csv"))
+    np.testing.assert_allclose(a["speedup"].to_numpy(float), b["speedup"].to_numpy(float))
+    assert a["speedup"].notna().sum() > 20
+
+
+def test_compute_speedup_empty_and_sparse():
+    assert list(plots.compute_speedup(pd.DataFrame()).columns) == ["speedup",
+                                                                    "scaling_efficiency"]
+    out = plots.compute_speedup(pd.DataFrame([{"run_id": "x", "status": "ok"}]))
+    assert math.isnan(out["speedup"].iloc[0])
+
+
+def test_pareto_front():
+    t = [10, 20, 30, 15, float("nan"), 20]
+    s = [0.5, 0.6, 0.55, 0.5, 0.9, 0.6]
+    assert plots.pareto_front(t, s).tolist() == [True, True, False, False, False, False]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_plot_all_writes_every_figure_with_data(drawn):
+    folder, res = drawn
+    assert list(res) == list(plots.PLOT_NAMES)
+    assert {k: v.note for k, v in res.items()} == {k: None for k in plots.PLOT_NAMES}
+    for name in PNGS:
+        assert res[name[:-4]].path == folder / "plots" / name
+        assert_png(folder / "plots" / name)
+
+
+def test_describe_rows_names_only_what_varies(sweep):
+    df = read_rows(sweep)
+    ok = df[df["status"] == "ok"]
+    text = plots.describe_rows(ok)
+    assert "deepspeed ZeRO-2, bf16, batch 4, depth 3, 1 worker" in text
+    assert not any("channels" in t or "six" in t or "Test CPU" in t for t in text)
+
+
+SPARSE = {
+    "empty": ([], "no rows"),
+    "single_row": ([ok_row("only")], "one worker count"),
+    "all_failed": ([{"run_id": "a", "status": "failed", "error": "boom"},
+                    {"run_id": "b", "status": "oom", "error": "OOM"}],
+                   "no successful (status ok) runs; found 1 failed, 1 oom"),
+    "no_accuracy": ([ok_row(f"w{w}", world_size=w, throughput_img_s=9.0 * w)
+                     for w in (1, 2)], None),
+    "no_baseline": ([ok_row(f"w{w}", world_size=w, nnodes=2) for w in (2, 4)],
+                    "no 1-worker baseline"),
+    "nan_everywhere": ([{"run_id": "x", "status": "ok"},
+                        {"run_id": "y", "status": "ok", "world_size": None,
+                         "throughput_img_s": None, "mIoU": None}], "one worker count"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SPARSE))
+def test_sparse_tables_do_not_crash(tmp_path, case):
+    rows, speedup_note = SPARSE[case]
+    for r in rows:
+        append_row(tmp_path, r)
+    res = plots.plot_all(read_rows(tmp_path), tmp_path / "plots")
+    for name in PNGS:
+        assert_png(tmp_path / "plots" / name)
+    if speedup_note is None:
+        assert res["speedup"].note is None
+    else:
+        assert speedup_note in res["speedup"].note
+    assert res["accuracy_vs_depth"].note  # no case has accuracy
+    assert res["pareto"].note
+    path = report.write_report(tmp_path, res)
+    assert path.read_text().startswith("# Benchmark report")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_sections(sweep):
+    text = (sweep / "report.md").read_text()
+    assert text.startswith("# Benchmark report: cpu-test\n")
+    assert "CPU timings show code paths and relative effects, not GPU performance" in text
+    for header in ("## Hardware and software", "## Best configuration per objective",
+                   "## Results", "## Failed, out-of-memory and timed-out runs",
+                   "## Noisy measurements", "## Launch overhead", "## Plots"):
+        assert header in text, header
+    for objective in ("Highest throughput", "Best scaling efficiency at the largest worker "
+                      "count (4)", "Lowest peak memory", "Best mIoU",
+                      "Fastest time to target mIoU"):
+        assert f"| {objective} " in text, objective
+    # Environment: CPU model, versions, commit and command line.
+    assert "Intel(R) Xeon(R) Platinum 8481C" in text and "2.13.0+cpu" in text
+    assert "0123456789ab" in text
+    assert "python launch/sweep.py --gpus 1,2,4 --batch-sizes 4,8" in text
+    # Every figure embedded by a relative link.
+    for name in PNGS:
+        assert f"](plots/{name})" in text
+        assert_png(sweep / "plots" / name)
+
+
+def test_report_best_values(sweep):
+    text = (sweep / "report.md").read_text()
+    best = {b["objective"].split(" (")[0]: b for b in
+            report.best_configurations(read_rows(sweep))}
+    top = best["Highest throughput"]["row"]
+    # 4 workers, batch 8, depth 3: the fastest configuration of the table.
+    assert (top["world_size"], top["batch_size"], top["depth"]) == (4, 8, 3)
+    assert f"{top['throughput_img_s']:.1f} img/s" in text
+    eff = best["Best scaling efficiency at the largest worker count"]["row"]
+    assert eff["world_size"] == 4
+    assert best["Lowest peak memory"]["row"]["peak_mem_mb"] == 300 + 20 * 4 * 3
+    assert best["Best mIoU"]["row"]["depth"] == 4
+    assert "median of 3 repeats" in text
+
+
+def test_report_failed_rows_noise_and_launch(sweep):
+    text = (sweep / "report.md").read_text()
+    failed = text.split("## Failed")[1].split("## Noisy")[0]
+    assert "| bad-oom " in failed and "CUDA out of memory. Tried to allocate 2.00 GiB" in failed
+    # The error's pipe is escaped and its lines joined, so the table stays one row each.
+    assert "gloo \\| connection reset by peer ⏎ Traceback ..." in failed
+    assert "| timeout " in failed and "no progress for 1800 s" in failed
+    assert "bad-skipped" in failed and "world size 8 exceeds the 4 devices" in failed
+    noisy = text.split("## Noisy measurements")[1].split("## Launch")[0]
+    assert "⚠ 9 run(s) of 3 configuration(s) flagged" in noisy
+    assert "20.0 %" in noisy
+    assert "⚠ noisy (spread 20 %)" in text.split("## Results")[1]
+    df = read_rows(sweep)
+    median = statistics.median(df["launch_overhead_s"].dropna())
+    launch = text.split("## Launch overhead")[1].split("## Plots")[0]
+    assert f"Median **{median:.1f} s**" in launch
+
+
+def test_report_gpu_folder_has_no_cpu_note(tmp_path):
+    for w in (1, 2):
+        append_row(tmp_path, ok_row(f"w{w}", world_size=w, device_type="cuda",
+                                    peak_mem_source="allocator"))
+    fake_env(tmp_path, cpu=False)
+    text = report.write_report(tmp_path).read_text()
+    assert "CPU timings" not in text
+    assert "1 × NVIDIA H100 80GB HBM3 (80 GB)" in text
+    assert "Not measured: each configuration ran once" in text
+
+
+def test_report_without_env_json(tmp_path):
+    append_row(tmp_path, ok_row("a"))
+    text = report.write_report(tmp_path).read_text()
+    assert "env.json is missing" in text
+    assert "CPU timings" in text  # device_type in the rows says cpu
+
+
+def test_markdown_table():
+    t = report.markdown_table(["a", "num"], [["x|y", 1.5], [None, "line1\nline2"]],
+                              ["l", "r"])
+    assert t.splitlines() == [
+        "| a    |           num |",
+        "| ---- | ------------: |",
+        "| x\\|y |           1.5 |",
+        "| –    | line1 ⏎ line2 |",
+    ]
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def test_folder_labels(tmp_path):
+    a = make_env_folder(tmp_path / "a", commit="aaaaaaa111")
+    b = make_env_folder(tmp_path / "b", commit="bbbbbbb222")
+    assert plots.folder_labels([a, b]) == ["cpu-2c-intel-xeon-8481c @ aaaaaaa",
+                                           "cpu-2c-intel-xeon-8481c @ bbbbbbb"]
+    c = make_env_folder(tmp_path / "c", commit="aaaaaaa111")
+    labels = plots.folder_labels([a, c])
+    assert len(set(labels)) == 2 and "(a)" in labels[0] and "(c)" in labels[1]
+    d = make_env_folder(tmp_path / "d", cpu=False)
+    assert plots.folder_labels([a, d]) == ["cpu-2c-intel-xeon-8481c", "1xH100-80GB"]
+
+
+def make_env_folder(folder: Path, cpu: bool = True, commit: str = "0123456789") -> Path:
+    folder.mkdir(parents=True)
+    fake_env(folder, cpu=cpu, commit=commit)
+    return folder
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+def load_launcher():
+    spec = importlib.util.spec_from_file_location("launch_plot", ROOT / "launch" / "plot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_launch_plot_one_folder(tmp_path, capsys):
+    folder = tmp_path / "small"
+    for w, t in ((1, 10.0), (2, 19.0), (4, 36.0)):
+        append_row(folder, ok_row(f"w{w}", world_size=w, throughput_img_s=t))
+    fake_env(folder)
+    before = (folder / "runs.jsonl").read_bytes()
+    assert load_launcher().main([str(folder)]) == 0
+    assert (folder / "report.md").is_file()
+    for name in PNGS:
+        assert_png(folder / "plots" / name)
+    assert (folder / "runs.jsonl").read_bytes() == before  # the table is only read
+    assert "report.md" in capsys.readouterr().out
+    assert re.search(r"\|\s+3\.60×\s+\|\s+90 %\s+\|", (folder / "report.md").read_text())
+
+
+def test_launch_plot_compares_folders(sweep, tmp_path):
+    other = make_sweep(tmp_path / "gpu", cpu=False, commit="fedcba9876543210", speed=20.0,
+                       bulk=True)
+    out = tmp_path / "cmp"
+    assert load_launcher().main([str(sweep), str(other), "--out", str(out)]) == 0
+    for name in PNGS:
+        assert_png(out / name)
+    text = (out / "compare.md").read_text()
+    assert "cpu-2c-intel-xeon-8481c" in text and "1xH100-80GB" in text
+    assert "CPU timings show code paths and relative effects" in text
+    assert re.search(r"\]\(speedup\.png\)", text)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_jsonl"])
+def test_launch_plot_errors(tmp_path, capsys, case):
+    folder = tmp_path / "nothing"
+    if case == "no_jsonl":
+        folder.mkdir()
+    assert load_launcher().main([str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert ("no such folder" if case == "missing" else "no runs.jsonl") in err
