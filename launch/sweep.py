@@ -67,10 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=_ints("--gpus"),
                    help="worker counts per node (GPUs, or CPU processes without GPUs); "
                         "default: 1,2,4.. up to the GPUs present, 1,2 on CPU")
-    p.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=[8],
-                   help="per-worker batch sizes (default 8)")
-    p.add_argument("--depths", type=_ints("--depths"), default=[4],
-                   help="U-Net depths, widths doubling from 16 (default 4)")
+    p.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=[4, 8],
+                   help="per-worker batch sizes (default 4,8)")
+    p.add_argument("--depths", type=_ints("--depths"), default=[3, 4],
+                   help="U-Net depths, widths doubling from 16 (default 3,4)")
     p.add_argument("--engines", type=_strs(None, "--engines"), default=["ddp"],
                    help="ddp, single, deepspeed:0..3 (default ddp)")
     p.add_argument("--loaders", type=_strs(("torch", "dali", "synthetic"), "--loaders"),
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("throughput", "accuracy", "both"), default="both")
     p.add_argument("--preset", help="a named grid: paper (the reference study), smoke")
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3, help="epochs per configuration")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per configuration")
     p.add_argument("--steps", type=int, help="stop each job after N optimizer steps")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--lr", type=float)
