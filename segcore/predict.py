@@ -13,16 +13,23 @@ Memory
 6000 x 4000 photo that is 576 MB with six classes but 2.3 GB with the 24-class ``full``
 scheme (plus the normalized float image, 288 MB), and it grows with the image. So
 :func:`predict_classes` cuts the image into *blocks aligned with the global tile grid*:
-each block is a run of consecutive tile rows (and, for very wide images, tile columns),
-predicted with ``predict_tiled`` on exactly those tiles, and only the rows whose every
-covering tile lies inside the block are kept. A kept pixel therefore receives the same
-tiles, in the same order, with the same blending weights as in a whole-image call: the
-result equals whole-image ``predict_tiled`` (not an approximation with new seams). The
-price is recomputing one or two tile rows per block boundary; the block size comes from
-``max_block_mb`` (accumulator + normalized input), so a six-class 6000 x 4000 photo is
-one block (no recomputation) and the ``full`` scheme takes a few. Only the uint8 photo
-and the uint8 class map are held at full size. Keeping a float16 accumulator instead was
-rejected: it would halve, not bound, the memory, and needs a second tiling loop.
+each block is a run of consecutive tile rows and tile columns, predicted with
+``predict_tiled`` on exactly those tiles, and only the pixels whose every covering tile
+lies inside the block are kept. A kept pixel therefore receives the same tiles, in the
+same order, with the same blending weights as in one whole-image call: the class map
+equals whole-image ``predict_tiled`` + argmax (no new seams, no approximation). The price
+is recomputing the tiles that straddle a block boundary; :func:`plan_blocks` picks the
+layout with the fewest tiles whose accumulator + normalized input fit ``max_block_mb``
+(default 1 GiB). A six-class or binary 6000 x 4000 photo is one block (nothing
+recomputed); the ``full`` scheme takes 2 x 2 blocks (204 tiles instead of 176). Only the
+uint8 photo, class map and colour map are held at full size (about 7 bytes a pixel), so
+the peak stays near 2 GB whatever the scheme, and a larger photo adds bytes per pixel,
+not ``4 (C + 1) + 12``: blocks keep the float buffers within the budget.
+
+Rejected alternatives: a float16 accumulator halves the memory but does not bound it
+(and needs a second tiling loop beside ``predict_tiled``); strips predicted on padded
+sub-images with their own tile grid would be cheaper to write but put new seams (other
+tile positions and weights) into the map, so the result would depend on the budget.
 """
 
 from __future__ import annotations
@@ -757,7 +764,7 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], all_row: Mapping[str, Any], 
     parts = [("impervious", "impervious_fraction", "#6b6b6b"),
              ("pervious", "pervious_fraction", "#4c9a2a"),
              ("water", "water_fraction", "#2a6fd1")]
-    fig = Figure(figsize=(min(4 + 0.35 * n, 24), 7.5))
+    fig = Figure(figsize=(min(max(8.0, 3 + 0.35 * n), 24), 7.5))
     FigureCanvasAgg(fig)
     a, b = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     x = np.arange(n)
@@ -789,12 +796,26 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], all_row: Mapping[str, Any], 
     b.set_xticks(ticks, [labels[i] for i in ticks], rotation=60, ha="right", fontsize=8)
     a.axvline(n - 1.5, color="black", lw=0.8, ls=":")
     b.axvline(n - 1.5, color="black", lw=0.8, ls=":")
-    allc = all_row["C_typical"]
+    if n <= 30:  # values on the bars while they stay legible
+        for xi, v in zip(x, typ):
+            if v == v and v > 0.08:  # inside the bar's foot: clear of the range bars
+                b.text(xi, 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=7,
+                       color="white")
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.0%}"
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None or v != v else f"{v:.2f}"
+
     fig.suptitle(
-        "Surface shares and Rational-Method runoff coefficient per image "
-        f"(ALL = area-weighted, {all_row.get('images', n - 1)} images"
-        + (f"; C typical {allc:.2f}" if allc is not None and allc == allc else "")
-        + (f"; {title_note}" if title_note else "") + ")", fontsize=10)
+        "Surface shares and Rational-Method runoff coefficient C per image\n"
+        f"ALL (area-weighted, {all_row.get('images', n - 1)} images): C typical "
+        f"{num(all_row['C_typical'])} (low-high {num(all_row['C_low'])}-"
+        f"{num(all_row['C_high'])})\nimpervious {pct(all_row['impervious_fraction'])} of "
+        f"classified ground, unknown {pct(all_row['unknown_fraction'])} of pixels"
+        + (f"; {title_note}" if title_note else ""),
+        fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -967,7 +988,7 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
     all_row = write_tables(final=True)
     files += [csv_path, json_path]
     if all_row is not None:
-        note = f"{len(skipped)} skipped" if skipped else ""
+        note = f"{len(skipped)} image(s) skipped (unreadable)" if skipped else ""
         plot_summary([d["row"] for d in done], all_row, out / "summary.png", note)
         files.append(out / "summary.png")
     return FolderResult([d["row"] for d in done], all_row, skipped, out, files)
@@ -1015,8 +1036,11 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
     try:
         check_input_size(loaded.cfg.model, settings.tile, settings.tile)
     except ConfigError as e:
-        raise PredictError(f"--tile {settings.tile}: {_one_line(e)}".replace(
-            "--image-size", "--tile")) from None
+        msg = _one_line(e).replace("--image-size", "--tile")
+        for side in ("image height", "image width"):
+            msg = msg.replace(side, "tile side")
+        raise PredictError(f"--tile {settings.tile} does not fit the checkpoint's model: "
+                           f"{msg}") from None
     if settings.channels_last is None:
         settings = PredictSettings(**{**settings.to_dict(),
                                       "channels_last": loaded.cfg.model.channels_last})

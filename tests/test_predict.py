@@ -12,8 +12,8 @@ computation from the documented coefficient tables.
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import math
 import os
 import resource
 import subprocess
@@ -36,8 +36,9 @@ from segcore.predict import (PredictError, normalize, plan_blocks, predict_class
 from segcore.train import save_checkpoint_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
-import predict as launcher  # noqa: E402  (launch/predict.py)
+_spec = importlib.util.spec_from_file_location("launch_predict", REPO / "launch" / "predict.py")
+launcher = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launcher)
 
 # (low, typical, high) per class, copied from the tables in segcore/flood.py's docstring
 # (None = unknown surface): the expected values below are computed from these by hand.
@@ -445,6 +446,48 @@ def test_binary_threshold_moves_the_boundary(tmp_path, capsys):
     assert fr[0] >= fr[1] >= fr[2] and fr[0] > fr[2]
 
 
+def test_crash_late_in_a_folder_keeps_earlier_outputs(tmp_path):
+    """Files and the stats table are written as each image finishes: a model that dies
+    on the third image leaves the first two complete (and progress hooks fired)."""
+    from segcore.predict import Hooks, PredictSettings, predict_folder
+
+    imgs = []
+    for i in range(3):
+        photo, _ = scene("six", SCENES["six"], seed=i)
+        imgs.append(save_png(tmp_path / "imgs" / f"{i}.png", photo))
+    sch = make_scheme("six")
+    calls = {"n": 0}
+    n_tiles = len(tile_grid(H, W, 64, 0.25))
+    batches = -(-n_tiles // 4)
+    codes = torch.tensor([red_code(sch, k) for k in range(6)], dtype=torch.float32)
+
+    def oracle(x: torch.Tensor) -> torch.Tensor:  # decodes the red channel, one-hot
+        calls["n"] += 1
+        if calls["n"] > 2 * batches:  # dies in the third image
+            raise RuntimeError("simulated crash")
+        red = (x[:, 0] * STD[0] + MEAN[0]) * 255
+        k = (red[:, None] - codes[None, :, None, None]).abs().argmin(1)
+        return torch.nn.functional.one_hot(k, 6).permute(0, 3, 1, 2).float()
+
+    events = []
+    hooks = Hooks(image_started=lambda i, n, name, t: events.append(("start", name, t)),
+                  tiles_done=lambda d, t: events.append(("tiles", d, t)),
+                  image_finished=lambda i, n, row: events.append(("done", row["image"])))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_folder(oracle, sch, imgs, out, num_out_channels=6,
+                       settings=PredictSettings(tile=64, overlap=0.25), hooks=hooks)
+    assert [e[1] for e in events if e[0] == "done"] == ["0.png", "1.png"]
+    assert ("tiles", n_tiles, n_tiles) in events and ("start", "0.png", n_tiles) in events
+    df = read_csv(out)
+    assert list(df.index) == ["0.png", "1.png", "ALL"]
+    assert df.loc["0.png", "C_typical"] == pytest.approx(9888 / 14400, abs=1e-12)
+    assert json.loads((out / "surface_stats.json").read_text())["complete"] is False
+    for i in (0, 1):
+        assert (out / f"{i}_classes.png").is_file() and (out / f"{i}_overlay.jpg").is_file()
+    assert not (out / "2_classes.png").exists()
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -467,9 +510,11 @@ def test_corrupt_images_are_reported_and_skipped(tmp_path, capsys):
     (imgs / "notes.txt").write_text("not an image: ignored")
     ckpt = colour_checkpoint(tmp_path / "c.pt", "six")
     out = tmp_path / "out"
+    pil_limit = Image.MAX_IMAGE_PIXELS
     rc, stdout, err = run_cli(capsys, "--checkpoint", ckpt, "--images", imgs, "--out", out,
                               "--tile", 64)
     assert rc == 0 and "Traceback" not in err
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # raised per read only, then restored
     skip_lines = [ln for ln in err.splitlines() if ln.startswith("skipped")]
     assert len(skip_lines) == 2
     assert "b_garbage.jpg" in skip_lines[0] and "c_cut.jpg" in skip_lines[1]
