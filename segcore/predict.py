@@ -51,6 +51,7 @@ from PIL import Image
 from segcore.config import ConfigError, RunConfig
 from segcore.data.classes import SDD_NAMES, ClassScheme, scheme as make_scheme
 from segcore.data.dataset import IGNORE_INDEX, MEAN, STD
+from segcore.results import write_bytes_atomic
 from segcore.flood import PropertyTable, aggregate, load_properties, surface_stats
 from segcore.infer import predict_tiled, tile_grid
 
@@ -456,24 +457,10 @@ def read_truth(path: str | Path, sch: ClassScheme, kind: str = "target",
     return arr
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_image(im: Image.Image, path: Path, fmt: str, **kw: Any) -> None:
     buf = io.BytesIO()
     im.save(buf, format=fmt, **kw)
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- inference
@@ -819,7 +806,7 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], all_row: Mapping[str, Any], 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _summarize_truth(done: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:

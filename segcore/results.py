@@ -118,12 +118,12 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
 # --------------------------------------------------------------------------- atomic I/O
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically, creating parent folders.
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders.
 
-    The temp file lives in the target's folder because ``os.replace`` is only atomic
-    within one file system. It is fsynced before the rename so that a crash cannot
-    expose a renamed-but-empty file.
+    The temp file (``.<name>.<random>.tmp``) lives in the target's folder because
+    ``os.replace`` is only atomic within one file system. It is fsynced before the
+    rename so that a crash cannot expose a renamed-but-empty file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +133,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         mode = 0o644  # mkstemp creates 0600; results should be readable by the group
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -144,6 +144,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

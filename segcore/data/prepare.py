@@ -43,6 +43,7 @@ from segcore.data.layouts import (CACHE_FORMAT, CACHE_VERSION, MANIFEST, SETTING
                                   DatasetError, DatasetIndex, Sample, check_pair,
                                   decode_mask, default_workers, discover, process_pool,
                                   read_manifest)
+from segcore.results import write_bytes_atomic
 
 JPEG_SUBSAMPLING = "4:2:0"
 _TMP_SUFFIX = ".tmp"
@@ -103,21 +104,9 @@ def load_resized_image(path: Path, size: int) -> tuple[Image.Image, tuple[int, i
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either absent or complete.
-
-    The bytes go to a temporary name in the same folder (same file system, so the rename
-    is atomic), are flushed to disk, then moved over the final name.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` so that ``path`` is either absent or complete (a temp
+    file ``.<name>.*.tmp`` in the same folder, fsynced, then renamed)."""
+    write_bytes_atomic(path, data)
 
 
 def _encode(im: Image.Image, fmt: str, **kw) -> bytes:
