@@ -277,8 +277,12 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
             cfg.mode = "throughput"
         trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
                           checkpoint_path=out / "checkpoint.pt", class_weights=weights)
-        if resume and (out / "checkpoint.pt").is_file():
-            trainer.resume(load_checkpoint(out / "checkpoint.pt"))
+        if resume:
+            last = next((p for p in (out / "last.pt", out / "checkpoint.pt") if p.is_file()),
+                        None)
+            if last is None:
+                raise FileNotFoundError(f"--resume: no last.pt or checkpoint.pt in {out}")
+            trainer.resume(load_checkpoint(last))
         telemetry.reset_allocator_peak(ctx.device)
         telemetry.reset_host_peak_rss()  # the peak then covers training, not set-up
         nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \

@@ -136,7 +136,8 @@ class Trainer:
         scheme: the class scheme (names, binary or not).
         ctx: this process's distributed context.
         log: called with progress lines on the primary rank (``None``: silent).
-        checkpoint_path: where to write the checkpoint each validation (primary only).
+        checkpoint_path: where the best epoch's checkpoint goes (primary only); the
+            latest epoch's goes beside it as ``last.pt``.
         class_weights: optional per-class loss weights.
     """
 
@@ -286,8 +287,8 @@ class Trainer:
                         patience_left -= 1
                 self.history.append(row)
                 self._progress(row, epoch, epochs, step, max_steps, t_start)
-                if self.checkpoint_path is not None and (improved or not do_val):
-                    self._save(epoch)
+                if self.checkpoint_path is not None:
+                    self._save(epoch, best=improved or not do_val)
             if last:
                 break
             if do_val and tc.patience and patience_left <= 0:
@@ -318,11 +319,16 @@ class Trainer:
         parts += [f"lr {row['lr']:.2e}", f"elapsed {_fmt_s(elapsed)}", f"eta {_fmt_s(eta)}"]
         self.log("  ".join(parts))
 
-    def _save(self, epoch: int) -> None:
+    def _save(self, epoch: int, best: bool) -> None:
+        """``last.pt`` every epoch (what ``--resume`` continues from) and
+        ``checkpoint.pt`` when the epoch is the best so far (what prediction uses)."""
         # Every rank takes part (ZeRO-3 gathers shards); only the primary writes.
         state = {"engine": self.engine.state_dict(), "epoch": epoch,
                  "best_score": self.best_score, "history": self.history,
                  "train_time_s": self.train_time_s, "config": self.cfg.to_dict(),
                  "class_names": list(self.scheme.names)}
         if self.ctx.is_primary:
-            save_checkpoint_atomic(state, self.checkpoint_path)
+            path = Path(self.checkpoint_path)
+            save_checkpoint_atomic(state, path.with_name("last.pt"))
+            if best:
+                save_checkpoint_atomic(state, path)
