@@ -43,7 +43,7 @@ def make_step(arch: str, precision: str, channels_last: bool, compile_: bool = F
         engine.step()
         slowdown()
         sync()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

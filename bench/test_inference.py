@@ -1,0 +1,86 @@
+"""Model compute outside the train step's clock: inference forward, and the in-run ratio
+of the bf16 channels-last train step to the fp32 NCHW step.
+
+Inference: paper and modern U-Net, fp32 and bf16, one batch through the network as
+``segcore.infer.predict_tiled`` runs it (eval mode, ``torch.inference_mode``, autocast
+to the precision, channels-last input and model). 256x256 batch 4 on CPU, 512x512
+batch 8 on CUDA, as the train-step benchmarks. Each output is checked against an fp32
+NCHW reference forward of the same weights.
+
+Ratio: the train-step benchmark's bf16 channels-last step timed alternately with its
+fp32 NCHW step (see ``bench/ratios.py``): how much the production precision/layout
+policy buys on this machine, a number that transfers across machines of one kind far
+better than either absolute time. (It lives here rather than in ``test_train_step.py``
+only to keep that file's benchmarks unchanged.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from segcore.config import ModelConfig
+from segcore.model import build_model
+from segcore.precision import PrecisionPolicy
+
+from bench.conftest import BENCH_DEVICE, record, slowdown, sync
+from bench.ratios import PairedReference, record_ratio
+from bench.test_train_step import make_step
+
+SIZE, BATCH = (512, 8) if BENCH_DEVICE.type == "cuda" else (256, 4)
+ARCHS = {"paper": (16, 32, 64), "modern": (16, 32, 64, 128)}
+CLASSES = 6
+# Largest |output - fp32 reference| relative to the reference's largest |value|:
+# fp32 differs only by layout and kernel choice; bf16 keeps 8 mantissa bits.
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
+
+
+def _model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, widths=ARCHS[arch], channels_last=True,
+                      norm="none" if arch == "paper" else "batch")
+    return build_model(cfg, CLASSES).to(BENCH_DEVICE).eval()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_inference_forward(benchmark, arch, precision):
+    benchmark.group = f"inference forward {SIZE}px b{BATCH} channels-last"
+    model = _model(arch)
+    policy = PrecisionPolicy(precision, BENCH_DEVICE.type)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    x = x.to(BENCH_DEVICE)
+    with torch.inference_mode():
+        reference = model(x.contiguous()).float()  # fp32, NCHW input
+    x = x.contiguous(memory_format=torch.channels_last)
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), policy.autocast():
+            out = model(x)
+        slowdown()
+        sync()
+        return out
+
+    # Warm-up rounds: oneDNN / cuDNN pick and cache their kernels on the first calls.
+    out = benchmark.pedantic(forward, rounds=5, warmup_rounds=2, iterations=1)
+    assert out.shape == (BATCH, CLASSES, SIZE, SIZE)
+    out = out.float()
+    assert torch.isfinite(out).all()
+    err = float((out - reference).abs().max() / reference.abs().max())
+    assert err < TOLERANCE[precision], f"{arch} {precision}: relative error {err:.2e}"
+    record(benchmark, BATCH, arch=arch, precision=precision, channels_last=True,
+           image=[3, SIZE, SIZE], batch=BATCH, rel_err_vs_fp32=err)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_ratio_train_step_bf16_cl_vs_fp32_nchw(benchmark, arch):
+    benchmark.group = f"ratio: train step {SIZE}px b{BATCH}, bf16-cl / fp32-nchw"
+    fast = make_step(arch, "bf16", True)
+    ref = PairedReference(make_step(arch, "fp32", False))
+    loss = benchmark.pedantic(fast, setup=ref.setup, rounds=6, warmup_rounds=1,
+                              iterations=1)
+    assert loss == loss and loss > 0 and ref.last == ref.last and ref.last > 0
+    record(benchmark, BATCH, arch=arch, precision="bf16", channels_last=True,
+           image=[3, SIZE, SIZE], batch=BATCH)
+    record_ratio(benchmark, ref, f"train step {arch}: bf16-cl / fp32-nchw",
+                 "bf16 channels-last step", "fp32 NCHW step")
