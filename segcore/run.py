@@ -185,6 +185,9 @@ def build_row(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, res: TrainR
         "mode": cfg.mode, "strong_scaling": cfg.train.strong_scaling,
         "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "augment": cfg.data.augment,
         "threads_per_worker": torch.get_num_threads() if ctx.device.type == "cpu" else None,
+        # TF32 changes fp32 numerics on Ampere and later: recorded with the row.
+        "tf32": (ctx.device.type == "cuda" and cfg.train.precision == "fp32"
+                 and torch.backends.cuda.matmul.allow_tf32),
     }
     for k in ("warmup_steps", "measured_steps", "throughput_img_s", "step_ms_p50",
               "step_ms_p90", "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",
