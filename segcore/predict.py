@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field

@@ -195,7 +195,7 @@ def best_configurations(df: pd.DataFrame) -> list[dict[str, Any]]:
     eff = conf[pd.to_numeric(conf["scaling_efficiency"], errors="coerce").notna()] \
         if len(conf) else conf
     top = eff["world_size"].max() if len(eff) else math.nan
-    pick(f"Best scaling efficiency at the largest worker count"
+    pick("Best scaling efficiency at the largest worker count"
          + (f" ({top:g})" if math.isfinite(_num(top)) else ""),
          "scaling_efficiency", True,
          lambda r: f"{100 * r['scaling_efficiency']:.0f} % (speedup {r['speedup']:.2f}× on "

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from segcore.config import ConfigError, widths_for_depth
 
@@ -319,8 +319,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
             their share of every job but record nothing.
         argv: the command line, for env.json.
     """
-    from segcore.results import (append_row, capture_env, read_records, write_json_atomic,
-                                 write_rows)
+    from segcore.results import append_row, capture_env, write_json_atomic
 
     jobs = expand(spec)
     if dry_run:
