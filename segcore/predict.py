@@ -49,7 +49,8 @@ from PIL import Image
 
 from segcore.config import ConfigError, RunConfig
 from segcore.data.classes import SDD_NAMES, ClassScheme, scheme as make_scheme
-from segcore.data.dataset import IGNORE_INDEX, MEAN, STD
+from segcore.data.dataset import IGNORE_INDEX
+from segcore.data.dataset import normalize_image as normalize  # public here too
 from segcore.results import write_bytes_atomic
 from segcore.flood import PropertyTable, aggregate, load_properties, surface_stats
 from segcore.infer import predict_tiled, tile_grid
@@ -463,15 +464,6 @@ def _save_image(im: Image.Image, path: Path, fmt: str, **kw: Any) -> None:
 
 
 # --------------------------------------------------------------------------- inference
-
-
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """RGB uint8 ``(H, W, 3)`` -> normalized float32 ``[3, H, W]``, the same operations
-    (and order) as :func:`segcore.data.dataset.to_tensor`."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (img - mean) / std
 
 
 @dataclass(frozen=True)

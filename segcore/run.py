@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import socket
@@ -334,7 +333,3 @@ def summary_line(row: dict[str, Any]) -> str:
             f"{f(row.get('data_wait_pct'), '.1f')} %, peak mem "
             f"{f(row.get('peak_mem_mb'), '.0f')} MB, mIoU {f(row.get('mIoU'), '.3f')}, "
             f"train {f(row.get('train_time_s'), '.0f')} s")
-
-
-def result_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

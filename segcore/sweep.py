@@ -386,16 +386,19 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
 def finish(out_dir: Path, log: Log = print) -> None:
     """Speedup, noise flags, plots and report from the recorded rows."""
     from segcore import plots, report
-    from segcore.results import read_records, read_rows, write_rows
+    import pandas as pd
+
+    from segcore.results import read_records, write_rows
 
     rows = read_records(out_dir)
     if not rows:
         log("no rows recorded")
         return
     mark_noise(rows)
+    df = plots.compute_speedup(pd.DataFrame(rows))
+    for row, speedup, eff in zip(rows, df["speedup"], df["scaling_efficiency"]):
+        row["speedup"], row["scaling_efficiency"] = speedup, eff  # NaN is written as null
     write_rows(out_dir, rows)
-    df = plots.compute_speedup(read_rows(out_dir))
-    write_rows(out_dir, [_clean(r) for r in df.to_dict("records")])
     ok = sum(r.get("status") == "ok" for r in rows)
     try:
         path = report.write_report(out_dir)  # draws the plots too
@@ -405,18 +408,6 @@ def finish(out_dir: Path, log: Log = print) -> None:
         path = None
     log(f"{ok}/{len(rows)} configuration(s) ok; results in {out_dir}"
         + (f" (report: {path})" if path else ""))
-
-
-def _clean(row: dict[str, Any]) -> dict[str, Any]:
-    """DataFrame records back to JSON-ready values (NaN -> None)."""
-    out = {}
-    for k, v in row.items():
-        if isinstance(v, float) and v != v:
-            v = None
-        elif hasattr(v, "item"):
-            v = v.item()
-        out[k] = v
-    return out
 
 
 def _quote(s: str) -> str:

@@ -180,10 +180,15 @@ def scheme(name: str, overrides: Mapping[str, str] | None = None,
     return ClassScheme(name, names, colors, lut)
 
 
-def write_class_csv(path: str | Path, classes=SDD_CLASSES) -> None:
-    """Write a ``class_dict_seg.csv`` in the dataset's own format (a space after commas)."""
+def class_csv_text(classes=SDD_CLASSES) -> str:
+    """A ``class_dict_seg.csv`` in the dataset's own format (a space after commas)."""
     lines = ["name, r, g, b"] + [f"{n}, {r}, {g}, {b}" for n, (r, g, b) in classes]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_class_csv(path: str | Path, classes=SDD_CLASSES) -> None:
+    """Write :func:`class_csv_text` to ``path``."""
+    Path(path).write_text(class_csv_text(classes))
 
 
 def read_class_csv(path: str | Path) -> tuple[tuple[str, tuple[int, int, int]], ...]:

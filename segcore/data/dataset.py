@@ -89,15 +89,20 @@ def _pad_to(image: np.ndarray, mask: np.ndarray, h: int, w: int):
     return image, mask
 
 
-def to_tensor(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 HWC image -> normalized float CHW; uint8 mask -> int64 HW."""
+def normalize_image(image: np.ndarray) -> torch.Tensor:
+    """uint8 HWC RGB image -> normalized float32 CHW (training and prediction alike)."""
     # np.require copies only when needed (flipped views, read-only decoded arrays).
     img = torch.from_numpy(np.require(image, requirements=["C", "W"]))
     img = img.permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(MEAN).view(3, 1, 1)
     std = torch.tensor(STD).view(3, 1, 1)
-    img = (img - mean) / std
-    return img, torch.from_numpy(np.require(mask, requirements=["C", "W"])).long()
+    return (img - mean) / std
+
+
+def to_tensor(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 HWC image -> normalized float CHW; uint8 mask -> int64 HW."""
+    return (normalize_image(image),
+            torch.from_numpy(np.require(mask, requirements=["C", "W"])).long())
 
 
 class SegDataset(Dataset):

@@ -41,6 +41,7 @@ Design
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -50,7 +51,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segcore.data.classes import SDD_NAMES, write_class_csv
+from segcore.data.classes import SDD_NAMES, class_csv_text
+from segcore.results import write_bytes_atomic, write_text_atomic
 
 # Bump when the generator's output changes so cached datasets are regenerated.
 GENERATOR_VERSION = 1
@@ -765,14 +767,10 @@ def default_root(n_images: int, height: int, width: int, seed: int) -> Path:
     return base / "synthetic" / f"{n_images}x{height}x{width}-s{seed}"
 
 
-def _atomic_save(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **kw)
+    return buf.getvalue()
 
 
 _STEM = re.compile(r"^\d{3,}$")
@@ -819,10 +817,9 @@ def write_dataset(root, n_images: int = 64, height: int = 256, width: int = 384,
                 p.unlink()
     for i, stem in enumerate(stems):
         image, mask = generate_scene(scene_seed(seed, i), height, width)
-        _atomic_save(img_dir / f"{stem}.jpg", lambda p: Image.fromarray(image).save(
-            p, format="JPEG", quality=int(jpeg_quality)))
-        _atomic_save(msk_dir / f"{stem}.png", lambda p: Image.fromarray(mask).save(
-            p, format="PNG"))
-    _atomic_save(root / CSV_NAME, write_class_csv)
-    _atomic_save(marker, lambda p: p.write_text(json.dumps(params, indent=2) + "\n"))
+        write_bytes_atomic(img_dir / f"{stem}.jpg",
+                           _encode(image, "JPEG", quality=int(jpeg_quality)))
+        write_bytes_atomic(msk_dir / f"{stem}.png", _encode(mask, "PNG"))
+    write_text_atomic(root / CSV_NAME, class_csv_text())
+    write_text_atomic(marker, json.dumps(params, indent=2) + "\n")  # last: marks complete
     return root
