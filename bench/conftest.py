@@ -12,6 +12,8 @@ import os
 import pytest
 import torch
 
+from segcore.host import cpu_model
+
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -67,21 +69,9 @@ def bench_device() -> torch.device:
 # them at the end of the session.
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux: fall back to what the platform module knows
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Name the CPU and the thread count in saved results (py-cpuinfo may be missing)."""
-    machine_info["segbench"] = {"cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+    machine_info["segbench"] = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                                 "torch_threads": torch.get_num_threads(),
                                 "bench_device": str(BENCH_DEVICE),
                                 "cuda_device": torch.cuda.get_device_name(0)
@@ -152,7 +142,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not done:
         return  # --benchmark-disable, or nothing ran
     tr = terminalreporter
-    tr.section(f"segbench throughput (median round; {_cpu_model()}, "
+    tr.section(f"segbench throughput (median round; {cpu_model()}, "
                f"{torch.get_num_threads()} threads)", sep="-")
     for line in throughput_lines(done):
         tr.write_line(line)

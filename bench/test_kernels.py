@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcore.data.classes import INVALID, SDD_NAMES, SIX_CLASS_MAP, SIX_NAMES, scheme
+from segcore.data.classes import IGNORE_INDEX, SDD_NAMES, SIX_CLASS_MAP, SIX_NAMES, scheme
 from segcore.data.synthetic import generate_scene
 from segcore.metrics import ConfusionMatrix
 
@@ -91,7 +91,7 @@ def _source_mask(shape, dtype) -> np.ndarray:
 
 def _remap_reference(mask: np.ndarray) -> np.ndarray:
     """Built from SIX_CLASS_MAP by name, one class at a time: no lookup table involved."""
-    out = np.full(mask.shape, INVALID, dtype=np.uint8)
+    out = np.full(mask.shape, IGNORE_INDEX, dtype=np.uint8)
     for src, name in enumerate(SDD_NAMES):
         out[mask == src] = SIX_NAMES.index(SIX_CLASS_MAP[name])
     return out
@@ -119,7 +119,7 @@ def test_remap(benchmark, dtype):
 def _python_remap(patch: np.ndarray, table: dict[int, int]) -> np.ndarray:
     """What the reference study did: one dictionary lookup per pixel, in Python."""
     rows = patch.tolist()
-    return np.array([[table.get(v, INVALID) for v in row] for row in rows], dtype=np.uint8)
+    return np.array([[table.get(v, IGNORE_INDEX) for v in row] for row in rows], dtype=np.uint8)
 
 
 def test_ratio_remap_lut_vs_python(benchmark):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from segcore.config import ModelConfig, TrainConfig
-from segcore.engines.base import Engine
+from segcore.train.engines.base import Engine
 from segcore.model import build_model
-from segcore.train import segmentation_loss
+from segcore.train.losses import segmentation_loss
 
 from bench.conftest import BENCH_DEVICE, record, slowdown, sync
 

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (f / "runs.jsonl").is_file():
             print(f"error: {f} has no runs.jsonl: not a results folder", file=sys.stderr)
             return 2
-    from segcore import report
+    from segcore.sweep import report
 
     if len(folders) == 1:
         path = report.write_report(folders[0], out=a.out)

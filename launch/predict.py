@@ -105,7 +105,7 @@ def _fmt(v, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from segcore.config import ConfigError
-    from segcore.predict import Hooks, PredictError, PredictSettings, predict_checkpoint
+    from segcore.predict.folder import Hooks, PredictError, PredictSettings, predict_checkpoint
 
     bars = _Bars(enabled=not a.no_progress)
     try:

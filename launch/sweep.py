@@ -117,17 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from segcore.results import capture_env, hardware_tag
-        from segcore.sweep import SweepSpec, preset, run_sweep
+        from segcore.host import capture_env, hardware_tag
+        from segcore.sweep.driver import SweepSpec, preset, run_sweep
 
         workers = a.gpus or default_workers()
         cpu = not torch.cuda.is_available()
         threads = a.threads
         if cpu and not threads:
-            try:
-                cores = len(os.sched_getaffinity(0))
-            except AttributeError:
-                cores = os.cpu_count() or 1
+            from segcore.host import usable_cores
+
+            cores = usable_cores()
             threads = max(1, cores // max(workers))
         extra = []
         for item in a.train_arg:

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     try:
         cfg = config_from_args(a)
-        from segcore.run import run
+        from segcore.train.run import run
 
         run(cfg, log=lambda msg: print(msg, flush=True), resume=a.resume)
     except (ConfigError, FileNotFoundError) as e:

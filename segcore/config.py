@@ -258,7 +258,7 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved configuration as TOML (or JSON when the suffix is ``.json``)."""
     import tomli_w
 
-    from segcore.results import write_text_atomic
+    from segcore.io import write_text_atomic
 
     d = cfg.to_dict()
     path = Path(path)

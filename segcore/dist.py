@@ -47,11 +47,9 @@ def cpu_threads_per_worker(local_world_size: int, requested: int = 0) -> int:
     """Threads for one CPU worker: the cores this process may use / local workers (>= 1)."""
     if requested > 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, local_world_size))
+    from segcore.host import usable_cores
+
+    return max(1, usable_cores() // max(1, local_world_size))
 
 
 def init_distributed(timeout_s: float = 600.0, threads: int = 0,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from segcore.run import free_port
+from segcore.train.run import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -87,7 +87,7 @@ def test_deepspeed_zero_stages_run(tmp_path, env, stage):
     assert len(losses(out)) == 2
     ckpt = out / "checkpoint.pt"
     assert ckpt.is_file()
-    from segcore.train import load_checkpoint
+    from segcore.train.checkpoint import load_checkpoint
     weights = load_checkpoint(ckpt)["engine"]["model"]
     # ZeRO-3 partitions parameters: the checkpoint must still hold full tensors.
     assert weights["head.weight"].shape == (6, 8, 1, 1)

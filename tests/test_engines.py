@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from segcore.config import ConfigError, TrainConfig
-from segcore.engines.base import Engine, make_optimizer
-from segcore.engines.deepspeed import make_ds_config, merge
+from segcore.train.engines.base import Engine, make_optimizer
+from segcore.train.engines.deepspeed import make_ds_config, merge
 
 
 def test_ds_config_from_run_config_and_user_json_merged_on_top(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segcore.data.classes import SCHEMES, SDD_NAMES, SIX_NAMES, scheme
-from segcore.flood import (
+from segcore.predict.flood import (
     SURFACES,
     PropertyError,
     aggregate,

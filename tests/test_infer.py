@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from segcore.config import ModelConfig
-from segcore.infer import predict_image, predict_tiled, tile_grid, window_2d
+from segcore.predict.tiles import predict_image, predict_tiled, tile_grid, window_2d
 from segcore.model.unet import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -239,7 +239,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch
     from torch import nn
-    from segcore.infer import predict_tiled
+    from segcore.predict.tiles import predict_tiled
 
     torch.set_num_threads(2)
     H, W, C, T, B = 3000, 2000, 4, 512, 4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segcore.data.classes import INVALID, SDD_CLASSES, scheme
+from segcore.data.classes import IGNORE_INDEX, SDD_CLASSES, scheme
 from segcore.data.layouts import (SETTINGS, DatasetError, colors_to_labels, discover,
                                   validate)
 
@@ -60,9 +60,9 @@ def test_colour_lookup_is_exact_and_flags_unknown_colours():
     rgb[5, 7] = (1, 2, 3)
     got = colors_to_labels(rgb, SDD_CLASSES)
     ref = np.array([[next((i for i, (_, c) in enumerate(SDD_CLASSES) if c == tuple(px)),
-                          INVALID) for px in row] for row in rgb[:8]])  # per-pixel reference
+                          IGNORE_INDEX) for px in row] for row in rgb[:8]])  # per-pixel reference
     np.testing.assert_array_equal(got[:8], ref)
-    assert got[5, 7] == INVALID
+    assert got[5, 7] == IGNORE_INDEX
     np.testing.assert_array_equal(np.delete(got.ravel(), 5 * 40 + 7),
                                   np.delete(labels.ravel(), 5 * 40 + 7))
 

@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from segcore import plots, report
-from segcore.results import append_row, read_rows, write_json_atomic, write_rows
+from segcore.sweep import plots, report
+from segcore.sweep.rows import append_row, read_rows, write_rows
+from segcore.io import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = [f"{n}.png" for n in plots.PLOT_NAMES]

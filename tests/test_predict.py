@@ -29,11 +29,11 @@ from PIL import Image
 from segcore.config import DataConfig, ModelConfig, RunConfig
 from segcore.data.classes import scheme as make_scheme
 from segcore.data.dataset import MEAN, STD, to_tensor
-from segcore.infer import predict_image, predict_tiled, tile_grid
+from segcore.predict.tiles import predict_image, predict_tiled, tile_grid
 from segcore.model.unet import build_model
-from segcore.predict import (PredictError, normalize, plan_blocks, predict_classes,
+from segcore.predict.folder import (PredictError, normalize, plan_blocks, predict_classes,
                              read_truth)
-from segcore.train import save_checkpoint_atomic
+from segcore.train.checkpoint import save_checkpoint as save_checkpoint_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("launch_predict", REPO / "launch" / "predict.py")
@@ -353,7 +353,7 @@ def test_tiled_equals_untiled_real_unet(tmp_path):
     The tolerance: outside seams both sides compute the same convolutions on the same
     inputs; only the blend (a weighted mean of equal numbers) and batch composition
     change the float rounding, far below 1e-4 for logits of order 1."""
-    from segcore.predict import load_model
+    from segcore.predict.folder import load_model
 
     ckpt = random_checkpoint(tmp_path / "r.pt", "six", widths=(8, 16, 32))
     model = load_model(ckpt).model
@@ -449,7 +449,7 @@ def test_binary_threshold_moves_the_boundary(tmp_path, capsys):
 def test_crash_late_in_a_folder_keeps_earlier_outputs(tmp_path):
     """Files and the stats table are written as each image finishes: a model that dies
     on the third image leaves the first two complete (and progress hooks fired)."""
-    from segcore.predict import Hooks, PredictSettings, predict_folder
+    from segcore.predict.folder import Hooks, PredictSettings, predict_folder
 
     imgs = []
     for i in range(3):

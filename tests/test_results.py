@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segcore import results
-from segcore.results import (RESULT_COLUMNS, append_row, capture_env, hardware_tag,
-                             read_rows, write_json_atomic, write_text_atomic)
+from segcore.sweep.rows import RESULT_COLUMNS, append_row, read_rows
+from segcore.host import capture_env, hardware_tag
+from segcore.io import to_jsonable, write_json_atomic, write_text_atomic
 
 DESIGN_COLUMNS = [
     "sweep_id", "run_id", "status", "error",
@@ -205,8 +205,8 @@ def test_hardware_tag_is_filesystem_safe():
 
 def test_to_jsonable_handles_tensors():
     torch = pytest.importorskip("torch")
-    assert results.to_jsonable({"t": torch.tensor([1.5, float("nan")])}) == {"t": [1.5, None]}
-    assert results.to_jsonable(torch.tensor(3)) == 3
+    assert to_jsonable({"t": torch.tensor([1.5, float("nan")])}) == {"t": [1.5, None]}
+    assert to_jsonable(torch.tensor(3)) == 3
 
 
 def test_integer_column_with_gaps_stays_integer_in_csv(tmp_path):

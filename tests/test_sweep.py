@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from segcore.config import ConfigError
-from segcore.results import read_records
-from segcore.sweep import (SweepSpec, child_env, classify_failure, expand, job_command,
+from segcore.sweep.rows import read_records
+from segcore.sweep.driver import (SweepSpec, child_env, classify_failure, expand, job_command,
                            mark_noise, parse_engine, preset)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def test_six_class_coverage_over_a_few_scenes():
         assert int(mask.max()) <= 23
         target = six.remap(mask)
         c = np.bincount(target.ravel(), minlength=len(SIX_NAMES))
-        assert c.size == len(SIX_NAMES)  # no INVALID values
+        assert c.size == len(SIX_NAMES)  # no IGNORE_INDEX values
         counts += c
         shares.append(c / target.size)
     assert (counts > 0).all(), dict(zip(SIX_NAMES, counts))

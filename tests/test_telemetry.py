@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from segcore import telemetry
-from segcore.telemetry import (NvmlSampler, StepTimer, allocator_peak_mb, cuda_sync_fn,
+from segcore.train import telemetry
+from segcore.train.telemetry import (NvmlSampler, StepTimer, allocator_peak_mb, cuda_sync_fn,
                                device_peak_tflops, forward_flops_per_image,
                                host_peak_rss_mb, host_rss_mb, mfu, train_flops_per_image)
 
@@ -276,7 +276,7 @@ def test_mfu_arithmetic():
 
 
 def test_paused_stretches_are_excluded_from_wall_time():
-    from segcore.telemetry import StepTimer
+    from segcore.train.telemetry import StepTimer
 
     now = [0.0]
     t = StepTimer(warmup_steps=1, clock=lambda: now[0])

@@ -9,7 +9,7 @@ The dataset labels 24 classes (index 0-23). The suite trains on one of three sch
 - ``binary``: ``rest`` (0) vs ``paved-area`` (1).
 
 Remapping is a 256-entry lookup table applied to whole arrays (``lut[mask]``), never a
-per-pixel Python loop. Values outside the source table map to :data:`INVALID` (255) so a
+per-pixel Python loop. Values outside the source table map to :data:`IGNORE_INDEX` (255) so a
 caller can detect them with one comparison.
 """
 
@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-INVALID = 255
+IGNORE_INDEX = 255
 
 # (name, (r, g, b)) in label-index order, as in the dataset's class_dict_seg.csv.
 SDD_CLASSES: tuple[tuple[str, tuple[int, int, int]], ...] = (
@@ -105,7 +105,7 @@ class ClassScheme:
         names: target class names in index order.
         colors: RGB colour per target class (for colour maps and overlays).
         lut: uint8 array of 256 entries mapping a source label index to a target index
-            (``INVALID`` for values outside the source table).
+            (``IGNORE_INDEX`` for values outside the source table).
     """
 
     name: str
@@ -125,7 +125,7 @@ class ClassScheme:
         """Map a source-index mask (any integer dtype) to target indices with one lookup."""
         if mask.dtype != np.uint8:
             # Values above 255 cannot be valid source labels.
-            mask = np.where((mask < 0) | (mask > 255), INVALID, mask).astype(np.uint8)
+            mask = np.where((mask < 0) | (mask > 255), IGNORE_INDEX, mask).astype(np.uint8)
         return self.lut[mask]
 
     def colorize(self, target: np.ndarray) -> np.ndarray:
@@ -151,7 +151,7 @@ def scheme(name: str, overrides: Mapping[str, str] | None = None,
     if name not in SCHEMES:
         raise ValueError(f"class scheme {name!r} is unknown; choose one of {', '.join(SCHEMES)}")
     src_colors = dict(SDD_CLASSES)
-    lut = np.full(256, INVALID, dtype=np.uint8)
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     if name == "full":
         names = tuple(source)
         colors = tuple(src_colors.get(n, (0, 0, 0)) for n in names)

@@ -25,15 +25,14 @@ file read and a few random numbers per sample; decoding stays in DALI.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from segcore.config import ConfigError
-from segcore.data.classes import INVALID, ClassScheme
-from segcore.data.dataset import (IGNORE_INDEX, MEAN, STD, AugmentParams, _pad_to,
+from segcore.data.classes import IGNORE_INDEX, ClassScheme
+from segcore.data.dataset import (MEAN, STD, AugmentParams, _pad_to,
                                   draw_augment)
 from segcore.data.layouts import DatasetError, DatasetIndex, Sample
 
@@ -227,7 +226,7 @@ class DaliTrainLoader:
                 msk = fn.decoders.image_slice(msk, anchor, shape, axes=[0, 1], device=dec,
                                               output_type=types.GRAY,
                                               adjust_orientation=False)
-                keys = [int(k) for k in np.flatnonzero(self.lut != INVALID)]
+                keys = [int(k) for k in np.flatnonzero(self.lut != IGNORE_INDEX)]
                 msk = fn.lookup_table(msk, keys=keys, values=[int(self.lut[k]) for k in keys],
                                       default_value=IGNORE_INDEX, dtype=types.UINT8)
             # The same flip nodes drive both: image and mask cannot disagree.
@@ -283,10 +282,9 @@ class DaliTrainLoader:
 
 def default_threads(ctx) -> int:
     """DALI worker threads per rank: this process's cores shared by the local ranks."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
+    from segcore.host import usable_cores
+
+    cores = usable_cores()
     local = getattr(ctx, "local_world_size", None) or getattr(ctx, "world_size", 1) or 1
     return max(1, min(8, cores // local))
 

@@ -8,7 +8,6 @@ semantics (see :mod:`segcore.data.dali`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -16,33 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from segcore.data.classes import ClassScheme
-from segcore.data.layouts import DatasetIndex, Sample
+from segcore.data.classes import IGNORE_INDEX, ClassScheme
+from segcore.data.layouts import DatasetIndex, Sample, split_samples  # noqa: F401
 
 # ImageNet statistics: the usual choice, and the DALI pipeline uses the same numbers.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
-
-
-def split_samples(samples: Sequence[Sample], test_fraction: float = 0.15,
-                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic train/test split: the same stems land in the test set for a seed.
-
-    Returns:
-        (train, test), each sorted by stem; test holds ``ceil(test_fraction * n)`` samples
-        (at least 1, and at least 1 sample is left for training).
-    """
-    ordered = sorted(samples, key=lambda s: s.stem)
-    n = len(ordered)
-    if n < 2:
-        raise ValueError(f"need at least 2 samples to split into train and test, found {n}")
-    n_test = min(max(1, math.ceil(test_fraction * n)), n - 1)
-    perm = np.random.default_rng(seed).permutation(n)
-    test_idx = set(perm[:n_test].tolist())
-    train = [s for i, s in enumerate(ordered) if i not in test_idx]
-    test = [s for i, s in enumerate(ordered) if i in test_idx]
-    return train, test
 
 
 @dataclass(frozen=True)

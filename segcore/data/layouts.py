@@ -30,18 +30,18 @@ skipped with one warning that lists them.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
-import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from segcore.data.classes import INVALID, SDD_CLASSES, SDD_NAMES, ClassScheme, read_class_csv
+from segcore.data.classes import IGNORE_INDEX, SDD_CLASSES, SDD_NAMES, ClassScheme, read_class_csv
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 LAYOUTS = ("cache", "kaggle", "tugraz", "plain")
@@ -59,6 +59,27 @@ _ROWS_PER_CHUNK = 256
 
 class DatasetError(ValueError):
     """The dataset folder is missing, empty or holds bad files; the message says which."""
+
+
+
+def split_samples(samples: Sequence[Sample], test_fraction: float = 0.15,
+                  seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic train/test split: the same stems land in the test set for a seed.
+
+    Returns:
+        (train, test), each sorted by stem; test holds ``ceil(test_fraction * n)`` samples
+        (at least 1, and at least 1 sample is left for training).
+    """
+    ordered = sorted(samples, key=lambda s: s.stem)
+    n = len(ordered)
+    if n < 2:
+        raise ValueError(f"need at least 2 samples to split into train and test, found {n}")
+    n_test = min(max(1, math.ceil(test_fraction * n)), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    test_idx = set(perm[:n_test].tolist())
+    train = [s for i, s in enumerate(ordered) if i not in test_idx]
+    test = [s for i, s in enumerate(ordered) if i in test_idx]
+    return train, test
 
 
 @dataclass(frozen=True)
@@ -103,8 +124,6 @@ class DatasetIndex:
         from the ones it was prepared with.
         """
         if self.manifest is None:
-            from segcore.data.dataset import split_samples
-
             return split_samples(self.samples, test_fraction, seed)
         sp = self.manifest["split"]
         if (abs(sp["test_fraction"] - test_fraction) > 1e-9 or sp["seed"] != seed):
@@ -126,12 +145,12 @@ class DatasetIndex:
 
     def read_labels(self, sample: Sample) -> np.ndarray:
         """The mask as label indices of :attr:`classes`, uint8 (H, W); colours or values
-        outside the table read as ``INVALID`` (255) when they cannot be represented."""
+        outside the table read as ``IGNORE_INDEX`` (255) when they cannot be represented."""
         return read_labels(sample.mask, self.mask_kind, self.classes)
 
     def target_lut(self, scheme: ClassScheme) -> np.ndarray:
         """256-entry uint8 table from label index (as :meth:`read_labels` returns) to
-        ``scheme`` target index; ``INVALID`` for labels outside the class table.
+        ``scheme`` target index; ``IGNORE_INDEX`` for labels outside the class table.
 
         Raises:
             DatasetError: a prepared cache asked for another scheme than its own, or a
@@ -146,13 +165,13 @@ class DatasetIndex:
                     f"{self.root} was prepared for --classes {ms.get('name')} and its masks "
                     f"hold those indices; re-run launch/prepare.py --src {m.get('source')} "
                     f"--out NEW_DIR --classes {scheme.name} to train on {scheme.name}")
-            lut = np.full(256, INVALID, dtype=np.uint8)
+            lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
             lut[:n] = np.arange(n, dtype=np.uint8)
             return lut
         names = [c[0] for c in self.classes]
         if tuple(names) == SDD_NAMES[:n]:
             lut = scheme.lut.copy()
-            lut[n:] = INVALID  # the table is shorter than SDD's: higher labels are unknown
+            lut[n:] = IGNORE_INDEX  # the table is shorter than SDD's: higher labels are unknown
             return lut
         # A custom table (subset or other order): schemes are defined over the SDD class
         # names, so map each label through its name.
@@ -161,7 +180,7 @@ class DatasetIndex:
             raise DatasetError(
                 f"class table {self.class_csv} names class(es) {unknown} that are not "
                 f"Semantic Drone Dataset classes; rename them to one of {', '.join(SDD_NAMES)}")
-        lut = np.full(256, INVALID, dtype=np.uint8)
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
         lut[:n] = scheme.lut[[SDD_NAMES.index(nm) for nm in names]]
         return lut
 
@@ -175,13 +194,13 @@ class DatasetIndex:
         lut = self.target_lut(scheme)
         src = self.read_labels(sample)
         out = lut[src]
-        if (out == INVALID).any():
+        if (out == IGNORE_INDEX).any():
             if self.mask_kind == "rgb":
                 raise DatasetError(
                     f"mask {sample.mask} holds colour(s) that are not in the class table "
                     f"{self.class_csv or 'built-in SDD table'}; fix the mask or the table, or "
                     "run launch/prepare.py without --strict to skip such pairs")
-            bad = np.unique(src[out == INVALID])[:10].tolist()
+            bad = np.unique(src[out == IGNORE_INDEX])[:10].tolist()
             raise DatasetError(
                 f"mask {sample.mask} holds value(s) {bad} that are not in the class table "
                 f"(0-{len(self.classes) - 1}); fix the mask or the class table, or run "
@@ -191,7 +210,7 @@ class DatasetIndex:
 
 # -- mask decoding ------------------------------------------------------------------------
 def colors_to_labels(rgb: np.ndarray, classes) -> np.ndarray:
-    """RGB colour mask (H, W, 3) -> label indices uint8 (H, W); unknown colours -> INVALID.
+    """RGB colour mask (H, W, 3) -> label indices uint8 (H, W); unknown colours -> IGNORE_INDEX.
 
     Vectorised: each colour packs into one int (r << 16 | g << 8 | b) and is looked up
     in the sorted table with ``np.searchsorted``, a chunk of rows at a time.
@@ -206,7 +225,7 @@ def colors_to_labels(rgb: np.ndarray, classes) -> np.ndarray:
                   | c[..., 2])
         pos = np.minimum(np.searchsorted(sorted_t, packed), len(sorted_t) - 1)
         hit = sorted_t[pos] == packed
-        out[r0:r0 + _ROWS_PER_CHUNK] = np.where(hit, order[pos], INVALID)
+        out[r0:r0 + _ROWS_PER_CHUNK] = np.where(hit, order[pos], IGNORE_INDEX)
     return out
 
 
@@ -221,7 +240,7 @@ def decode_mask(path: Path, kind: str, classes) -> tuple[np.ndarray, np.ndarray 
         classes: the class table ``((name, (r, g, b)), ...)``.
 
     Returns:
-        (labels uint8 (H, W) with ``INVALID`` where a value or colour cannot be a label,
+        (labels uint8 (H, W) with ``IGNORE_INDEX`` where a value or colour cannot be a label,
         the decoded colour array (H, W, 3+) when the file was read as colours, else None).
     """
     with Image.open(path) as im:
@@ -232,7 +251,7 @@ def decode_mask(path: Path, kind: str, classes) -> tuple[np.ndarray, np.ndarray 
         arr = arr[..., 0]
     if arr.dtype != np.uint8:
         # 16/32-bit index PNGs: values above 255 cannot be labels.
-        arr = np.where((arr < 0) | (arr > 255), INVALID, arr).astype(np.uint8)
+        arr = np.where((arr < 0) | (arr > 255), IGNORE_INDEX, arr).astype(np.uint8)
     return arr, None
 
 
@@ -499,7 +518,7 @@ def check_pair(sample: Sample, kind: str, classes, check_values: bool = True,
 
 def _value_problems(path: Path, decoded, n: int) -> list[str]:
     labels, colors = decoded
-    bad = labels >= n  # includes INVALID
+    bad = labels >= n  # includes IGNORE_INDEX
     if not bad.any():
         return []
     if colors is not None:
@@ -570,7 +589,6 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 
 def default_workers() -> int:
     """The CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    from segcore.host import usable_cores
+
+    return usable_cores()

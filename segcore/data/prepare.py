@@ -42,8 +42,8 @@ from segcore.data.classes import SCHEMES, ClassScheme, scheme as make_scheme
 from segcore.data.layouts import (CACHE_FORMAT, CACHE_VERSION, MANIFEST, SETTINGS,
                                   DatasetError, DatasetIndex, Sample, check_pair,
                                   decode_mask, default_workers, discover, process_pool,
-                                  read_manifest)
-from segcore.results import write_bytes_atomic
+                                  read_manifest, split_samples)
+from segcore.io import write_bytes_atomic
 
 JPEG_SUBSAMPLING = "4:2:0"
 _TMP_SUFFIX = ".tmp"
@@ -347,7 +347,6 @@ def prepare(src: str | Path, out: str | Path, size: int = 1024, classes: str = "
     if len(good) < 2:
         raise DatasetError(f"{src} has {len(good)} valid pair(s); a train/test split needs "
                            "at least 2")
-    from segcore.data.dataset import split_samples  # imports torch: only when needed
 
     train, test = split_samples([s for s in index.samples if s.stem in good],
                                 test_fraction, seed)

@@ -52,7 +52,7 @@ import numpy as np
 from PIL import Image
 
 from segcore.data.classes import SDD_NAMES, class_csv_text
-from segcore.results import write_bytes_atomic, write_text_atomic
+from segcore.io import write_bytes_atomic, write_text_atomic
 
 # Bump when the generator's output changes so cached datasets are regenerated.
 GENERATOR_VERSION = 1

@@ -1,6 +1,6 @@
 """Trainer: steps, epochs, validation, early stopping, checkpoints, timing.
 
-One code path for every engine: the Trainer calls the :class:`~segcore.engines.Engine`
+One code path for every engine: the Trainer calls the :class:`~segcore.train.engines.Engine`
 interface only. Losses and metrics are reduced across ranks as sums, so a run on N
 workers reports exactly what one process would on the same data.
 """
@@ -16,59 +16,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from segcore.config import RunConfig
 from segcore.data.classes import ClassScheme
-from segcore.data.dataset import IGNORE_INDEX
+from segcore.data.classes import IGNORE_INDEX
 from segcore.dist import DistContext, all_reduce_sum
-from segcore.engines import Engine
+from segcore.train.checkpoint import save_checkpoint
+from segcore.train.engines import Engine
+from segcore.train.losses import segmentation_loss
 from segcore.metrics import ConfusionMatrix
-from segcore.telemetry import StepTimer, cuda_sync_fn
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, binary: bool,
-                      class_weights: torch.Tensor | None = None, dice: bool = False,
-                      reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy (or BCE-with-logits for a 1-channel binary head), plus optional Dice.
-
-    Pixels labelled ``IGNORE_INDEX`` contribute nothing. With ``reduction="sum"`` the
-    summed loss is returned (used to reduce validation loss exactly across ranks).
-    """
-    logits = logits.float()
-    valid = target != IGNORE_INDEX
-    if binary:
-        t = target.clamp(max=1).float()
-        per_px = F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none")
-        if class_weights is not None:
-            per_px = per_px * class_weights[target.clamp(max=1)]
-        per_px = per_px * valid
-        loss = per_px.sum() if reduction == "sum" else per_px.sum() / valid.sum().clamp(min=1)
-    else:
-        loss = F.cross_entropy(logits, target, weight=class_weights, ignore_index=IGNORE_INDEX,
-                               reduction=reduction)
-    if dice:
-        loss = loss + dice_loss(logits, target, binary)
-    return loss
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, binary: bool,
-              eps: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss (1 - mean per-class Dice) over valid pixels."""
-    valid = (target != IGNORE_INDEX).unsqueeze(1)
-    t = target.clamp(max=(1 if binary else logits.shape[1] - 1))
-    if binary:
-        p = torch.sigmoid(logits)
-        p = torch.cat([1 - p, p], dim=1)
-        n = 2
-    else:
-        p = logits.softmax(dim=1)
-        n = logits.shape[1]
-    onehot = F.one_hot(t, n).permute(0, 3, 1, 2).to(p.dtype)
-    p, onehot = p * valid, onehot * valid
-    inter = (p * onehot).sum(dim=(0, 2, 3))
-    denom = p.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    return 1 - ((2 * inter + eps) / (denom + eps)).mean()
+from segcore.train.telemetry import StepTimer, cuda_sync_fn
 
 
 @dataclass
@@ -86,24 +43,6 @@ class TrainResult:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None
     stopped_early: bool = False
-
-
-def save_checkpoint_atomic(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a killed run never leaves a
-    half-written checkpoint that a later resume would trust."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint_atomic` (weights only: no code
-    is unpickled)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def injected_fault() -> tuple[int, int] | None:
@@ -329,6 +268,6 @@ class Trainer:
                  "class_names": list(self.scheme.names)}
         if self.ctx.is_primary:
             path = Path(self.checkpoint_path)
-            save_checkpoint_atomic(state, path.with_name("last.pt"))
+            save_checkpoint(state, path.with_name("last.pt"))
             if best:
-                save_checkpoint_atomic(state, path)
+                save_checkpoint(state, path)

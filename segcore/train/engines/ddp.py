@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from segcore.config import TrainConfig
-from segcore.engines.base import Engine
+from segcore.train.engines.base import Engine
 
 
 class DDPEngine(Engine):

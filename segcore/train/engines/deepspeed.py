@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from segcore.config import ConfigError, TrainConfig
-from segcore.engines.base import Engine, make_optimizer, make_schedule
+from segcore.train.engines.base import Engine, make_optimizer, make_schedule
 
 
 def import_deepspeed(device: torch.device):

@@ -29,7 +29,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from segcore.results import hardware_tag, read_rows
+from segcore.host import hardware_tag
+from segcore.sweep.rows import read_rows
 
 __all__ = [
     "PLOT_NAMES", "PLOT_TITLES", "FAMILY_COLUMNS", "OPTIONAL_FAMILY_COLUMNS", "PlotResult",

@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from segcore.data.classes import ClassScheme  # noqa: E402
-from segcore.data.dataset import IGNORE_INDEX, MEAN, STD  # noqa: E402
+from segcore.data.classes import IGNORE_INDEX
+from segcore.data.dataset import MEAN, STD  # noqa: E402
 from segcore.metrics import logits_to_pred, normalized_confusion  # noqa: E402
 
 

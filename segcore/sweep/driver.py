@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from segcore.config import ConfigError, widths_for_depth
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "train.py"
+TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 
 # Variables a parent torchrun (or Slurm/torchelastic) sets that must not leak into a
 # child job, or the child would try to join the parent's rendezvous.
@@ -269,7 +269,7 @@ def failure_row(job: Job, spec: SweepSpec, sweep_id: str, status: str,
 
 
 def recorded_ids(out_dir: Path) -> set[str]:
-    from segcore.results import read_records
+    from segcore.sweep.rows import read_records
 
     return {r.get("run_id") for r in read_records(out_dir)}
 
@@ -319,7 +319,9 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
             their share of every job but record nothing.
         argv: the command line, for env.json.
     """
-    from segcore.results import append_row, capture_env, write_json_atomic
+    from segcore.sweep.rows import append_row
+    from segcore.host import capture_env
+    from segcore.io import write_json_atomic
 
     jobs = expand(spec)
     if dry_run:
@@ -385,10 +387,10 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
 
 def finish(out_dir: Path, log: Log = print) -> None:
     """Speedup, noise flags, plots and report from the recorded rows."""
-    from segcore import plots, report
+    from segcore.sweep import plots, report
     import pandas as pd
 
-    from segcore.results import read_records, write_rows
+    from segcore.sweep.rows import read_records, write_rows
 
     rows = read_records(out_dir)
     if not rows:

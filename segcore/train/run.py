@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import socket
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ from segcore.data.dataset import (SegDataset, SyntheticBatches, make_eval_loader
                                   make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
-from segcore.engines import build_engine
+from segcore.train.engines import build_engine
 from segcore.model import build_model, check_input_size, count_params, valid_side_at_most
-from segcore.train import Trainer, TrainResult, load_checkpoint
+from segcore.train.trainer import Trainer, TrainResult
+from segcore.train.checkpoint import load_checkpoint
 
 Log = Callable[[str], None]
 
@@ -47,13 +47,9 @@ def ensure_process_group_env() -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    from segcore.host import cpu_model
+
+    return cpu_model()
 
 
 def resolve_dataset(cfg: RunConfig, ctx: DistContext, log: Log) -> DatasetIndex:
@@ -145,7 +141,7 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
 
 
 def _gather_memory(ctx: DistContext, nvml: dict[str, Any]) -> dict[str, Any]:
-    from segcore import telemetry
+    from segcore.train import telemetry
 
     alloc = telemetry.allocator_peak_mb(ctx.device)
     mine = {"alloc": alloc, "host_peak": telemetry.host_peak_rss_mb(), **nvml}
@@ -167,7 +163,7 @@ def build_row(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, res: TrainR
               params: int, flops_per_image: int | None, memory: dict[str, Any],
               per_worker: int) -> dict[str, Any]:
     """One row of the results schema (DESIGN.md section 4)."""
-    from segcore import telemetry
+    from segcore.train import telemetry
 
     t = res.timing
     row: dict[str, Any] = {
@@ -224,8 +220,8 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
     Returns:
         The result row on the primary rank, ``None`` on the others.
     """
-    from segcore import telemetry
-    from segcore.results import write_json_atomic
+    from segcore.train import telemetry
+    from segcore.io import write_json_atomic
 
     started_at = _utc_now()
     if cfg.train.engine in ("ddp", "deepspeed"):
@@ -307,7 +303,7 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
                                                  "step_losses": res.step_losses})
         write_json_atomic(out / "result.json", row)
         try:
-            from segcore import viz
+            from segcore.train import figures as viz
             plain = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
             plain.load_state_dict(final_weights)
             viz.run_figures(out, res, scheme, plain.to(ctx.device), val_loader, ctx.device,

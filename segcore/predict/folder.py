@@ -49,11 +49,11 @@ from PIL import Image
 
 from segcore.config import ConfigError, RunConfig
 from segcore.data.classes import SDD_NAMES, ClassScheme, scheme as make_scheme
-from segcore.data.dataset import IGNORE_INDEX
+from segcore.data.classes import IGNORE_INDEX
 from segcore.data.dataset import normalize_image as normalize  # public here too
-from segcore.results import write_bytes_atomic
-from segcore.flood import PropertyTable, aggregate, load_properties, surface_stats
-from segcore.infer import predict_tiled, tile_grid
+from segcore.io import write_bytes_atomic
+from segcore.predict.flood import PropertyTable, aggregate, load_properties, surface_stats
+from segcore.predict.tiles import predict_tiled, tile_grid
 
 __all__ = [
     "IMAGE_EXTS", "MASK_EXTS", "TRUTH_KINDS", "PRECISIONS", "PredictError",
@@ -260,7 +260,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             config's scheme, or weights that do not fit the saved architecture.
     """
     from segcore.model.unet import build_model
-    from segcore.train import load_checkpoint
+    from segcore.train.checkpoint import load_checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -855,7 +855,7 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
         PredictError: a property table or truth mask that does not fit the scheme
             (checked before any image is predicted).
     """
-    from segcore.results import write_json_atomic, write_text_atomic
+    from segcore.io import write_json_atomic, write_text_atomic
 
     settings = settings or PredictSettings()
     hooks = hooks or Hooks()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from segcore.config import TrainConfig
-from segcore.engines.base import Engine
+from segcore.train.engines.base import Engine
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
@@ -24,9 +24,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
             # launch/train.py), so reaching here means init failed upstream.
             raise RuntimeError("engine 'ddp' needs a process group: start the run under "
                                "torchrun, or use --engine single")
-        from segcore.engines.ddp import DDPEngine
+        from segcore.train.engines.ddp import DDPEngine
         return DDPEngine(model, cfg, device, total_steps)
-    from segcore.engines.deepspeed import DeepSpeedEngine
+    from segcore.train.engines.deepspeed import DeepSpeedEngine
     return DeepSpeedEngine(model, cfg, device, total_steps)
 
 

@@ -17,8 +17,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from segcore import plots
-from segcore.results import hardware_tag, read_rows, write_text_atomic
+from segcore.sweep import plots
+from segcore.host import hardware_tag
+from segcore.sweep.rows import read_rows
+from segcore.io import write_text_atomic
 
 __all__ = ["NOISE_LIMIT_PCT", "markdown_table", "write_report", "write_compare",
            "noisy_mask", "best_configurations"]

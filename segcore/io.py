@@ -1,0 +1,137 @@
+"""Plain-file I/O every part of the suite shares: JSON values and atomic writes.
+
+Every file is written atomically: a temp file in the same folder is written, flushed,
+fsynced and renamed over the target, so a process killed mid-write leaves either the old
+or the new file, never half of one. Imports nothing heavy (no pandas, no torch), so
+writing a JPEG or a JSON file stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+# --------------------------------------------------------------------------- JSON values
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert ``value`` into plain JSON types.
+
+    NaN and infinities become ``None`` (JSON has no NaN; Python's ``NaN`` token breaks
+    other readers), numpy/torch scalars and arrays become Python numbers and lists,
+    tuples and sets become lists, paths and datetimes become strings, anything else its
+    ``str()``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):  # also numpy.float64, a float subclass
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(value, key=str)]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    pd = sys.modules.get("pandas")
+    if pd is not None and (value is pd.NA or value is pd.NaT):
+        return None
+    # numpy scalars / arrays and torch tensors, without importing either here.
+    if hasattr(value, "tolist") and callable(value.tolist):
+        if hasattr(value, "detach"):
+            value = value.detach().cpu()
+        return to_jsonable(value.tolist())
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return to_jsonable(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=False, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- atomic I/O
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders.
+
+    The temp file (``.<name>.<random>.tmp``) lives in the target's folder because
+    ``os.replace`` is only atomic within one file system. It is fsynced before the
+    rename so that a crash cannot expose a renamed-but-empty file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644  # mkstemp creates 0600; results should be readable by the group
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (NaN written as null)."""
+    write_text_atomic(path, dumps(obj, indent=2) + "\n")
+
+
+def fsync_dir(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every OS / file system.
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock on the folder, so two appenders cannot lose a row."""
+    # The folder itself is locked (not runs.jsonl) because runs.jsonl is replaced by
+    # rename on every write, which would leave a lock on a stale inode.
+    try:
+        import fcntl
+
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
