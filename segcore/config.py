@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ NORMS = ("batch", "group", "none")
 SCHEMES = ("binary", "six", "full")
 LOADERS = ("torch", "dali", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ENGINES = ("single", "ddp", "deepspeed")
+ENGINES = ("single", "ddp", "deepspeed", "fsdp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine")
 LOSSES = ("ce", "ce+dice")
 MONITORS = ("val_loss", "mIoU")
 MODES = ("throughput", "accuracy", "both")
+LR_SCALINGS = ("linear", "sqrt", "none")
 
 
 class ConfigError(ValueError):
@@ -41,12 +43,21 @@ def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
                           f"choose one of: {', '.join(map(str, allowed))}")
 
 
-def _positive(section: str, name: str, value: Any, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0)
+def _positive(section: str, name: str, value: Any, allow_zero: bool = False,
+              integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{name} = {value!r} must be a number {bound}")
+        what = "a whole number" if integer else "a finite number"
+        raise ConfigError(f"{section}.{name} = {value!r} must be {what} {bound}")
+
+
+def _fraction(section: str, name: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{section}.{name} = {value!r} must be a number from 0 to 1")
 
 
 def widths_for_depth(depth: int, base: int = 16) -> tuple[int, ...]:
@@ -65,15 +76,17 @@ class ModelConfig:
             skips, final interpolation) or ``modern`` (3x3 same-padding convolutions with
             normalization; output size equals input size).
         widths: channels per level, encoder top to bottleneck, e.g. ``(16, 32, 64)``.
-        kernel: convolution kernel size (2 for ``paper``, 3 for ``modern`` by default).
-        norm: ``batch``, ``group`` or ``none`` (``modern`` only; ``paper`` has none).
+        kernel: convolution kernel size (``None``: 2 for ``paper``, 3 for ``modern``;
+            resolved on construction, so a written config holds the number).
+        norm: ``batch``, ``group`` or ``none`` (``modern`` only; ``paper`` has no
+            normalization, so its norm is always ``none``).
         channels_last: keep activations in NHWC memory format end to end.
         compile: wrap the model in ``torch.compile``.
     """
 
     arch: str = "modern"
     widths: tuple[int, ...] = (16, 32, 64, 128)
-    kernel: int = 0  # 0 = the architecture's default
+    kernel: int | None = None
     norm: str = "batch"
     channels_last: bool = True
     compile: bool = False
@@ -81,16 +94,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model", "arch", self.arch, ARCHS)
         _choice("model", "norm", self.norm, NORMS)
-        self.widths = tuple(int(w) for w in self.widths)
+        if isinstance(self.widths, (str, bytes)) or not all(
+                isinstance(w, int) and not isinstance(w, bool) for w in self.widths):
+            raise ConfigError(f"model.widths = {self.widths!r} must be a list of whole "
+                              "numbers, e.g. [16, 32, 64]")
+        self.widths = tuple(self.widths)
         if len(self.widths) < 2 or any(w <= 0 for w in self.widths):
             raise ConfigError(f"model.widths = {self.widths} needs at least 2 positive "
                               "widths, e.g. 16,32,64")
-        if self.kernel == 0:
+        if self.kernel is None or self.kernel == 0:
             self.kernel = 2 if self.arch == "paper" else 3
+        if self.arch == "paper":
+            self.norm = "none"  # the reference architecture has no normalization layers
         if self.arch == "modern" and self.kernel % 2 == 0:
             raise ConfigError(f"model.kernel = {self.kernel}: the modern U-Net needs an odd "
                               "kernel (same padding); use 3 or 5, or --arch paper")
-        _positive("model", "kernel", self.kernel)
+        _positive("model", "kernel", self.kernel, integer=True)
         if self.norm == "group" and any(w % 8 for w in self.widths):
             raise ConfigError(f"model.norm = 'group' uses 8 groups; widths {self.widths} "
                               "must all be multiples of 8")
@@ -133,40 +152,60 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data", "class_scheme", self.class_scheme, SCHEMES)
         _choice("data", "loader", self.loader, LOADERS)
-        _positive("data", "image_size", self.image_size)
-        if not 0.0 < self.test_fraction < 1.0:
+        _positive("data", "image_size", self.image_size, integer=True)
+        if not isinstance(self.test_fraction, (int, float)) or \
+                not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"data.test_fraction = {self.test_fraction!r} must be "
                               "between 0 and 1 (exclusive), e.g. 0.15")
         for name in ("synthetic_images", "synthetic_height", "synthetic_width"):
-            _positive("data", name, getattr(self, name))
+            _positive("data", name, getattr(self, name), integer=True)
         if self.synthetic_images < 2:
             raise ConfigError("data.synthetic_images must be at least 2 (train + test)")
-        _positive("data", "num_workers", self.num_workers, allow_zero=True)
+        _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation, precision, engine and stopping rules.
+    """Optimisation, precision, engine, batch and stopping rules.
 
     Attributes:
-        batch_size: images per worker per step.
-        epochs: maximum epochs (accuracy mode).
-        steps: if set, stop after this many optimizer steps (throughput mode); epochs then
-            only bounds the data order.
+        local_batch_size: images per worker per micro-step (the per-worker batch).
+        global_batch_size: images per optimizer step over all workers
+            (``local_batch_size x world_size x grad_accum``). Set it (with
+            ``strong_scaling``) to fix the global batch; otherwise :func:`resolve` derives
+            it. A resolved configuration holds both.
+        world_size: worker processes of the run (resolved from the launcher).
+        epochs: the accuracy budget in epochs (an equal sample budget at every worker
+            count).
+        steps: if set, stop training after this many optimizer steps instead.
         warmup_steps: steps excluded from timing statistics.
+        measure_steps: timed steps after warm-up, whatever the dataset size, epochs or
+            worker count: the loader loops as needed (throughput window).
+        lr: the learning rate at the 1-worker batch; :attr:`effective_lr` applies
+            ``lr_scaling`` for the run's global batch (Goyal et al. 2017).
+        lr_scaling: ``linear``, ``sqrt`` or ``none``: how lr grows with the global batch
+            over the local batch (weak scaling).
+        lr_warmup_steps: linear lr warm-up from ~0 at the start of training (``None``: 5 %
+            of the steps when the lr is scaled, else none).
         precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + loss scaling).
-        engine: ``single`` (no wrapper), ``ddp`` or ``deepspeed``.
+        engine: ``single`` (no wrapper), ``ddp``, ``deepspeed`` or ``fsdp``.
         zero_stage: DeepSpeed ZeRO stage 0-3.
-        patience: early-stopping patience in epochs on ``monitor`` (0 = off).
+        patience: early-stopping patience in validations on ``monitor`` (0 = off).
         target_miou: record the training time at which validation mIoU first reaches it.
-        strong_scaling: keep the global batch fixed (``batch_size`` is then global).
+        strong_scaling: keep the global batch fixed as workers are added.
+        threads: CPU threads per worker (``None``: usable cores / local workers).
     """
 
-    batch_size: int = 8
+    local_batch_size: int = 8
+    global_batch_size: int | None = None
+    world_size: int = 1
     epochs: int = 8
     steps: int | None = None
     warmup_steps: int = 3
+    measure_steps: int = 30
     lr: float = 3e-3
+    lr_scaling: str = "linear"
+    lr_warmup_steps: int | None = None
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     schedule: str = "cosine"
@@ -183,16 +222,26 @@ class TrainConfig:
     val_every: int = 1
     seed: int = 0
     strong_scaling: bool = False
-    threads: int = 0  # 0 = cores / local workers
+    sync_bn: bool = False
+    threads: int | None = None
     timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        _positive("train", "batch_size", self.batch_size)
-        _positive("train", "epochs", self.epochs)
-        if self.steps is not None:
-            _positive("train", "steps", self.steps)
-        _positive("train", "warmup_steps", self.warmup_steps, allow_zero=True)
+        for name in ("local_batch_size", "world_size", "epochs", "grad_accum", "val_every"):
+            _positive("train", name, getattr(self, name), integer=True)
+        for name in ("steps", "global_batch_size", "threads"):
+            if getattr(self, name) is not None:
+                _positive("train", name, getattr(self, name), integer=True)
+        for name in ("warmup_steps", "measure_steps", "patience", "seed"):
+            _positive("train", name, getattr(self, name), allow_zero=True, integer=True)
+        if self.lr_warmup_steps is not None:
+            _positive("train", "lr_warmup_steps", self.lr_warmup_steps, allow_zero=True,
+                      integer=True)
         _positive("train", "lr", self.lr)
+        _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train", "timeout_s", self.timeout_s)
+        _fraction("train", "target_miou", self.target_miou)
+        _choice("train", "lr_scaling", self.lr_scaling, LR_SCALINGS)
         _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _choice("train", "schedule", self.schedule, SCHEDULES)
         _choice("train", "loss", self.loss, LOSSES)
@@ -200,14 +249,32 @@ class TrainConfig:
         _choice("train", "engine", self.engine, ENGINES)
         _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("train", "monitor", self.monitor, MONITORS)
-        _positive("train", "grad_accum", self.grad_accum)
-        _positive("train", "patience", self.patience, allow_zero=True)
-        _positive("train", "val_every", self.val_every)
-        _positive("train", "threads", self.threads, allow_zero=True)
-        _positive("train", "timeout_s", self.timeout_s)
         if self.engine != "deepspeed" and self.zero_stage != 0:
             raise ConfigError(f"train.zero_stage = {self.zero_stage} only applies to "
                               "--engine deepspeed")
+        if self.engine == "single" and self.world_size > 1:
+            raise ConfigError(f"train.engine = 'single' runs one process, but world_size is "
+                              f"{self.world_size}; use --engine ddp, deepspeed or fsdp")
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Images per worker per micro-step: the one accessor every consumer uses."""
+        return self.local_batch_size
+
+    @property
+    def reference_batch(self) -> int:
+        """The global batch at which :attr:`lr` is given: one worker's batch."""
+        return self.local_batch_size * self.grad_accum
+
+    @property
+    def effective_lr(self) -> float:
+        """``lr`` scaled by ``lr_scaling`` for this run's global batch."""
+        ratio = (self.global_batch_size or self.reference_batch) / self.reference_batch
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * math.sqrt(ratio)
+        return self.lr
 
 
 @dataclass
@@ -232,21 +299,35 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build from a dict (a parsed TOML/JSON file); unknown keys are errors.
+
+        Files written before local/global batch became fields hold ``train.batch_size``
+        (the per-worker batch, or the global one under ``strong_scaling``): still read.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"a configuration must be a table of sections, got "
+                              f"{type(d).__name__}")
         d = dict(d)
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
         kwargs: dict[str, Any] = {}
         for key, klass in sections.items():
-            sec = dict(d.pop(key, {}) or {})
+            sec = d.pop(key, {}) or {}
+            if not isinstance(sec, dict):
+                raise ConfigError(f"[{key}] must be a table of fields, got {sec!r}")
+            sec = dict(sec)
+            if key == "train":
+                _legacy_train_fields(sec)
+            if key == "model" and sec.get("kernel") == 0:
+                sec["kernel"] = None  # older files: 0 stood for the architecture's default
             known = {f.name for f in dataclasses.fields(klass)}
             unknown = set(sec) - known
             if unknown:
                 raise ConfigError(f"unknown field(s) in [{key}]: {', '.join(sorted(unknown))}; "
                                   f"known: {', '.join(sorted(known))}")
-            if key == "train" and sec.get("steps") == 0:
-                sec["steps"] = None  # TOML has no null: 0 stands for "not set"
-            if key == "train" and sec.get("deepspeed_config") == "":
-                sec["deepspeed_config"] = None
-            kwargs[key] = klass(**sec)
+            try:
+                kwargs[key] = klass(**sec)
+            except TypeError as e:
+                raise ConfigError(f"[{key}]: {e}") from None
         known = {f.name for f in dataclasses.fields(cls)} - set(sections)
         unknown = set(d) - known
         if unknown:
@@ -254,33 +335,105 @@ class RunConfig:
         return cls(**kwargs, **d)
 
 
+def _legacy_train_fields(sec: dict[str, Any]) -> None:
+    """Read configs written by earlier versions (in place)."""
+    if "batch_size" in sec:
+        b = sec.pop("batch_size")
+        if sec.get("strong_scaling"):
+            sec.setdefault("global_batch_size", b)
+            sec.setdefault("local_batch_size", b)  # replaced by resolve()
+        else:
+            sec.setdefault("local_batch_size", b)
+    for name in ("steps", "threads"):
+        if sec.get(name) == 0:
+            sec[name] = None  # 0 once stood for "not set"
+    if sec.get("deepspeed_config") == "":
+        sec["deepspeed_config"] = None
+
+
+def resolve(cfg: RunConfig, world_size: int) -> tuple[RunConfig, list[str]]:
+    """The configuration a run of ``world_size`` workers actually uses.
+
+    Applied once, before the configuration is written and before any job starts (the
+    sweep resolves in its driver, train.py in the job): the per-worker and global batch,
+    the mode rule of the synthetic loader. Idempotent.
+
+    Returns:
+        (the resolved copy, notes: one line per value the rules changed).
+
+    Raises:
+        ConfigError: a global batch that does not split over the workers, and the like.
+    """
+    _positive("train", "world_size", world_size, integer=True)
+    notes: list[str] = []
+    d = cfg.to_dict()
+    t = d["train"]
+    t["world_size"] = world_size
+    if t["strong_scaling"]:
+        g = t["global_batch_size"] or t["local_batch_size"] * t["grad_accum"]
+        per_step = world_size * t["grad_accum"]
+        if g % per_step:
+            raise ConfigError(f"strong scaling: the global batch {g} does not split over "
+                              f"{world_size} worker(s) x grad_accum {t['grad_accum']}; choose "
+                              f"a multiple of {per_step}")
+        t["global_batch_size"], t["local_batch_size"] = g, g // per_step
+    else:
+        g = t["local_batch_size"] * world_size * t["grad_accum"]
+        if t["global_batch_size"] not in (None, g):
+            raise ConfigError(f"train.global_batch_size = {t['global_batch_size']} but "
+                              f"{t['local_batch_size']} per worker x {world_size} worker(s) x "
+                              f"grad_accum {t['grad_accum']} = {g}; set --strong-scaling to "
+                              "fix the global batch, or drop global_batch_size")
+        t["global_batch_size"] = g
+    if t["engine"] == "single" and world_size > 1:
+        raise ConfigError(f"--engine single runs one process, not {world_size}; use ddp, "
+                          "deepspeed or fsdp")
+    if d["data"]["loader"] == "synthetic" and d["mode"] != "throughput":
+        notes.append(f"loader 'synthetic' feeds random tensors: accuracy cannot be measured, "
+                     f"so mode {d['mode']!r} becomes 'throughput'")
+        d["mode"] = "throughput"
+    return RunConfig.from_dict(d), notes
+
+
+def _drop_none(d: Any) -> Any:
+    # TOML has no null: an unset optional field is simply absent from the file.
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved configuration as TOML (or JSON when the suffix is ``.json``)."""
+    """Write the configuration as TOML (or JSON when the suffix is ``.json``), atomically."""
     import tomli_w
 
     from segcore.io import write_text_atomic
 
-    d = cfg.to_dict()
+    d = _drop_none(cfg.to_dict())
     path = Path(path)
-    if path.suffix == ".json":
-        write_text_atomic(path, json.dumps(d, indent=2))
-        return
-    # TOML has no null: write 0 / "" for unset optional fields (read back as None).
-    if d["train"]["steps"] is None:
-        d["train"]["steps"] = 0
-    if d["train"]["deepspeed_config"] is None:
-        d["train"]["deepspeed_config"] = ""
-    write_text_atomic(path, tomli_w.dumps(d))
+    text = json.dumps(d, indent=2) if path.suffix == ".json" else tomli_w.dumps(d)
+    write_text_atomic(path, text)
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Load a configuration written by :func:`dump_config` (TOML or JSON)."""
+    """Load a configuration written by :func:`dump_config` (TOML or JSON).
+
+    Raises:
+        ConfigError: a missing file, a syntax error (with the file and line) or an invalid
+            value.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    if path.suffix == ".json":
-        d = json.loads(path.read_text())
-    else:
-        with path.open("rb") as f:
-            d = tomllib.load(f)
-    return RunConfig.from_dict(d)
+    try:
+        if path.suffix == ".json":
+            d = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            with path.open("rb") as f:
+                d = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid "
+                          f"{'JSON' if path.suffix == '.json' else 'TOML'}: {e}") from None
+    try:
+        return RunConfig.from_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

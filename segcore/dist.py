@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -43,23 +44,32 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v not in (None, "") else default
 
 
-def cpu_threads_per_worker(local_world_size: int, requested: int = 0) -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_threads_per_worker(local_world_size: int, requested: int | None = None) -> int:
     """Threads for one CPU worker: the cores this process may use / local workers (>= 1)."""
-    if requested > 0:
+    if requested:
         return requested
     from segcore.host import usable_cores
 
     return max(1, usable_cores() // max(1, local_world_size))
 
 
-def init_distributed(timeout_s: float = 600.0, threads: int = 0,
-                     force_device: str | None = None) -> DistContext:
+def init_distributed(timeout_s: float = 600.0, threads: int | None = None,
+                     force_device: str | None = None, need_group: bool = False) -> DistContext:
     """Initialise the process group from the launcher's environment.
 
     Args:
         timeout_s: collective timeout; a peer that stops answering fails the job after it.
-        threads: intra-op threads per CPU worker (0 = cores / local workers).
+        threads: intra-op threads per CPU worker (``None`` or 0: cores / local workers).
         force_device: ``cpu`` to stay on the CPU even when CUDA is present.
+        need_group: without a launcher, still create a 1-process group (on a free
+            loopback port), for engines that need one (DDP, DeepSpeed, FSDP).
 
     Returns:
         The :class:`DistContext` of this process.
@@ -77,10 +87,13 @@ def init_distributed(timeout_s: float = 600.0, threads: int = 0,
         device = torch.device("cpu")
         torch.set_num_threads(cpu_threads_per_worker(local_world, threads))
     backend = None
-    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    if launched or need_group:
         backend = "nccl" if use_cuda else "gloo"
         if not tdist.is_initialized():
-            kwargs = {"device_id": device} if use_cuda else {}
+            kwargs: dict = {"device_id": device} if use_cuda else {}
+            if not launched:  # a plain process: its own 1-process group, env untouched
+                kwargs["init_method"] = f"tcp://127.0.0.1:{free_port()}"
             tdist.init_process_group(backend=backend, rank=rank, world_size=world,
                                      timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistContext(rank, local_rank, world, local_world, nnodes, device, backend)
@@ -93,7 +106,7 @@ def teardown() -> None:
 
 
 @contextmanager
-def distributed(timeout_s: float = 600.0, threads: int = 0,
+def distributed(timeout_s: float = 600.0, threads: int | None = None,
                 force_device: str | None = None) -> Iterator[DistContext]:
     """``with distributed() as ctx:`` — init, and teardown even on error."""
     ctx = init_distributed(timeout_s, threads, force_device)

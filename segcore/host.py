@@ -29,6 +29,33 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+
+def parallel_limit(threads_per_worker: int, gpus: int = 0) -> int:
+    """Workers this host runs side by side without sharing hardware: visible GPUs, or on
+    a CPU host the usable cores over the threads each worker uses."""
+    if gpus:
+        return gpus
+    return max(1, usable_cores() // max(1, threads_per_worker))
+
+
+def oversubscription(local_workers: int, threads_per_worker: int, gpus: int = 0) -> str:
+    """Why ``local_workers`` workers oversubscribe this host, or ``""`` when they fit.
+
+    CPU: workers x threads > usable cores; GPU: workers per node > visible GPUs. A speedup
+    measured past that point shows time-sharing, not scaling.
+    """
+    if gpus:
+        if local_workers > gpus:
+            return f"{local_workers} workers share {gpus} visible GPU(s)"
+        return ""
+    cores = usable_cores()
+    if local_workers * threads_per_worker > cores:
+        return (f"{local_workers} worker(s) x {threads_per_worker} thread(s) > {cores} usable "
+                f"core(s): at most {parallel_limit(threads_per_worker)} worker(s) run in "
+                "parallel here")
+    return ""
+
+
 def _guard(fn: Any, default: Any = None) -> Any:
     """``fn()``, or ``default`` when it fails: environment probing must never raise."""
     try:

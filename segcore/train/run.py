@@ -1,14 +1,13 @@
 """Run one configuration end to end and produce its result row and artefacts.
 
-``launch/train.py`` parses flags into a :class:`~segcore.config.RunConfig` and calls
-:func:`run`; the sweep launches that script once per configuration under torchrun.
+``launch/train.py`` turns flags (or a sweep's ``configs/<run-id>.toml``) into a
+:class:`~segcore.config.RunConfig` and calls :func:`run`; the sweep launches that script
+once per configuration under torchrun.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,32 +15,18 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from segcore.config import ConfigError, RunConfig, dump_config
+from segcore.config import ConfigError, RunConfig, dump_config, resolve
 from segcore.data.classes import ClassScheme, scheme as make_scheme
 from segcore.data.dataset import (SegDataset, SyntheticBatches, make_eval_loader,
                                   make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
+from segcore.model import build_model, check_input_size, valid_side_at_most
+from segcore.row import config_columns
 from segcore.train.engines import build_engine
-from segcore.model import build_model, check_input_size, count_params, valid_side_at_most
 from segcore.train.trainer import Trainer, TrainResult
-from segcore.train.checkpoint import load_checkpoint
 
 Log = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_process_group_env() -> None:
-    """Let ``python launch/train.py --engine ddp`` run as a 1-process group (no torchrun)."""
-    if "RANK" in os.environ:
-        return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def device_name(device: torch.device) -> str:
@@ -107,12 +92,8 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
     train_s, val_s = index.split(d.test_fraction, d.split_seed)
     crop = (d.image_size, d.image_size)
     check_input_size(cfg.model, *crop)
-    per_worker = tc.batch_size
-    if tc.strong_scaling:
-        if tc.batch_size % ctx.world_size:
-            raise ConfigError(f"strong scaling: global batch {tc.batch_size} is not divisible "
-                              f"by {ctx.world_size} workers")
-        per_worker = tc.batch_size // ctx.world_size
+    _check_crop_fits(train_s, d.image_size)
+    per_worker = tc.per_worker_batch
     val_ds = SegDataset(index, val_s, scheme, _val_crop(index, val_s, cfg), train=False)
     val_loader = make_eval_loader(val_ds, per_worker, ctx.rank, ctx.world_size,
                                   num_workers=d.num_workers,
@@ -137,108 +118,147 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
         train_loader = make_train_loader(train_ds, per_worker, ctx.rank, ctx.world_size,
                                          seed=tc.seed, num_workers=d.num_workers,
                                          pin_memory=ctx.device.type == "cuda")
-    return index, train_ds, train_loader, val_loader, per_worker, len(train_s), len(val_s)
+    return index, train_ds, train_loader, val_loader, len(train_s), len(val_s)
 
 
-def _gather_memory(ctx: DistContext, nvml: dict[str, Any]) -> dict[str, Any]:
+def _check_crop_fits(samples, size: int) -> None:
+    """A crop larger than every image is mostly padding and can take unbounded memory."""
+    from PIL import Image
+
+    largest = 0
+    for s in samples:
+        with Image.open(s.image) as im:
+            largest = max(largest, im.width, im.height)
+    if size > largest:
+        raise ConfigError(f"--image-size {size} is larger than every training image (the "
+                          f"largest side is {largest} px): choose at most {largest}, or "
+                          "prepare the dataset at a higher resolution")
+
+
+def _gather_memory(ctx: DistContext, nvml: dict[str, Any],
+                   baseline_mb: float) -> dict[str, Any]:
+    """Memory columns, max over ranks. On CPU the peak RSS is mostly the library (~600 MB
+    of imports): ``mem_workload_mb`` is the peak above the baseline taken after imports
+    and model build, the figure memory plots use."""
     from segcore.train import telemetry
 
     alloc = telemetry.allocator_peak_mb(ctx.device)
-    mine = {"alloc": alloc, "host_peak": telemetry.host_peak_rss_mb(), **nvml}
+    host = telemetry.host_peak_rss_mb()
+    mine = {"alloc": alloc, "host_peak": host, "baseline": baseline_mb,
+            "workload": max(0.0, host - baseline_mb), **nvml}
     rows = gather_objects(mine)
 
     def mx(key):
         vals = [r[key] for r in rows if r.get(key) is not None]
         return max(vals) if vals else None
 
-    host = mx("host_peak")
     peak = mx("alloc")
-    return {"peak_mem_mb": peak if peak is not None else host,
+    return {"peak_mem_mb": peak if peak is not None else mx("host_peak"),
             "peak_mem_source": "allocator" if peak is not None else "host_peak_rss",
-            "host_rss_mb": host, "device_mem_mb": mx("device_mem_mb"),
-            "gpu_util_pct": mx("gpu_util_pct"), "power_w": mx("power_w")}
+            "host_peak_rss_mb": mx("host_peak"), "mem_baseline_mb": mx("baseline"),
+            "mem_workload_mb": peak if peak is not None else mx("workload"),
+            "device_mem_mb": mx("device_mem_mb"), "gpu_util_pct": mx("gpu_util_pct"),
+            "power_w": mx("power_w")}
 
 
-def build_row(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, res: TrainResult,
-              params: int, flops_per_image: int | None, memory: dict[str, Any],
-              per_worker: int) -> dict[str, Any]:
+def conditions(cfg: RunConfig, ctx: DistContext) -> dict[str, Any]:
+    """What the hardware allows for this run: oversubscription and emulated precision,
+    as row columns (the analysis flags such rows; the console says so at the start)."""
+    from segcore.host import oversubscription, parallel_limit
+    from segcore.precision import native_precision
+
+    gpus = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    threads = torch.get_num_threads() if ctx.device.type == "cpu" else 1
+    over = oversubscription(ctx.local_world_size, threads, gpus)
+    native, why = native_precision(cfg.train.precision, ctx.device)
+    return {"oversubscribed": bool(over), "oversubscribed_why": over or None,
+            "hw_parallel_limit": parallel_limit(threads, gpus) * ctx.nnodes,
+            "precision_emulated": not native, "precision_why": why}
+
+
+def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
+              flops_per_image: int | None, extra: dict[str, Any]) -> dict[str, Any]:
     """One row of the results schema (DESIGN.md section 4)."""
     from segcore.train import telemetry
 
     t = res.timing
-    row: dict[str, Any] = {
-        "sweep_id": cfg.sweep_id, "run_id": cfg.run_id, "status": "ok", "error": "",
-        "engine": cfg.train.engine, "zero_stage": cfg.train.zero_stage,
-        "loader": cfg.data.loader, "precision": cfg.train.precision,
-        "channels_last": cfg.model.channels_last, "compile": cfg.model.compile,
-        "world_size": ctx.world_size, "nnodes": ctx.nnodes,
-        "device_type": ctx.device.type, "device_name": device_name(ctx.device),
-        "batch_size": per_worker, "global_batch_size": per_worker * ctx.world_size,
-        "arch": cfg.model.arch, "depth": cfg.model.depth,
-        "widths": "-".join(map(str, cfg.model.widths)), "image_size": cfg.data.image_size,
-        "class_scheme": scheme.name, "num_classes": scheme.num_classes, "params": params,
-        "mode": cfg.mode, "strong_scaling": cfg.train.strong_scaling,
-        "lr": cfg.train.lr, "optimizer": cfg.train.optimizer, "augment": cfg.data.augment,
-        "threads_per_worker": torch.get_num_threads() if ctx.device.type == "cpu" else None,
-        # TF32 changes fp32 numerics on Ampere and later: recorded with the row.
-        "tf32": (ctx.device.type == "cuda" and cfg.train.precision == "fp32"
-                 and torch.backends.cuda.matmul.allow_tf32),
-    }
-    for k in ("warmup_steps", "measured_steps", "throughput_img_s", "step_ms_p50",
+    row: dict[str, Any] = {"sweep_id": cfg.sweep_id, "run_id": cfg.run_id, "status": "ok",
+                           "error": ""}
+    row.update(config_columns(cfg, nnodes=ctx.nnodes, device_type=ctx.device.type,
+                              device_name=device_name(ctx.device)))
+    row["threads_per_worker"] = torch.get_num_threads() if ctx.device.type == "cpu" else None
+    # TF32 changes fp32 numerics on Ampere and later: recorded with the row.
+    row["tf32"] = (ctx.device.type == "cuda" and cfg.train.precision == "fp32"
+                   and torch.backends.cuda.matmul.allow_tf32)
+    for k in ("warmup_steps", "measured_steps", "throughput_img_s", "throughput_ci95_lo",
+              "throughput_ci95_hi", "throughput_ci95_pct", "ci_batches", "step_ms_p50",
               "step_ms_p90", "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",
               "fwd_bwd_ms_p50", "optim_ms_p50"):
         row[k] = t.get(k)
-    row["speedup"] = None  # filled by the sweep against the 1-worker row
+    row["speedup"] = None  # filled by the sweep's analysis against the 1-worker row
     row["scaling_efficiency"] = None
     row["tflops"] = row["mfu"] = None
-    if flops_per_image and t.get("throughput_img_s") and t["throughput_img_s"] == t["throughput_img_s"]:
-        peak, source = telemetry.device_peak_tflops(ctx.device, _dtype(cfg))
-        achieved, frac = telemetry.mfu(t["throughput_img_s"], flops_per_image, peak,
-                                       n_devices=ctx.world_size)
+    thr = t.get("throughput_img_s")
+    if flops_per_image and thr and thr == thr:
+        peak, source = telemetry.device_peak_tflops(ctx.device, cfg.train.precision)
+        achieved, frac = telemetry.mfu(thr, flops_per_image, peak, n_devices=ctx.world_size)
         row.update(tflops=achieved, mfu=frac, peak_tflops=peak * ctx.world_size,
                    peak_tflops_source=source, train_gflops_per_image=flops_per_image / 1e9)
-    row.update(memory)
+    row.update(extra)
     m = res.metrics or {}
+    losses = res.step_losses
+    tail = max(1, len(losses) // 10)  # first and last tenth of the steps, for convergence
     row.update(epochs=res.epochs, steps=res.steps, train_time_s=res.train_time_s,
+               samples_seen=res.steps * cfg.train.global_batch_size,
                time_to_target_s=res.time_to_target_s, target_miou=cfg.train.target_miou,
                stopped_early=res.stopped_early, val_loss=m.get("val_loss"),
                aAcc=m.get("aAcc"), mIoU=m.get("mIoU"), mDice=m.get("mDice"),
-               mAcc=m.get("mAcc"))
-    for name in scheme.names:
+               mAcc=m.get("mAcc"),
+               train_loss_first=float(np.mean(losses[:tail])) if losses else None,
+               train_loss_last=float(np.mean(losses[-tail:])) if losses else None)
+    for name in make_scheme(cfg.data.class_scheme).names:
         row[f"IoU.{name}"] = m.get(f"IoU.{name}")
     return row
 
 
-def _dtype(cfg: RunConfig) -> torch.dtype:
-    from segcore.precision import DTYPES
-    return DTYPES[cfg.train.precision]
-
-
-def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any] | None:
+def run(cfg: RunConfig, log: Log = print,
+        resume_state: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Train and evaluate one configuration; the primary rank writes ``cfg.out``.
+
+    Args:
+        cfg: the configuration; resolved here for the launcher's world size (a sweep's
+            config is already resolved, and must be for this world size).
+        log: progress lines (the primary rank's).
+        resume_state: a checkpoint (``segcore.train.checkpoint``) to continue from.
 
     Returns:
         The result row on the primary rank, ``None`` on the others.
     """
-    from segcore.train import telemetry
     from segcore.io import write_json_atomic
+    from segcore.train import telemetry
 
     started_at = _utc_now()
-    if cfg.train.engine in ("ddp", "deepspeed"):
-        ensure_process_group_env()
-    ctx = init_distributed(cfg.train.timeout_s, cfg.train.threads)
+    ctx = init_distributed(cfg.train.timeout_s, cfg.train.threads,
+                           need_group=cfg.train.engine != "single")
     try:
         say: Log = log if ctx.is_primary else (lambda _m: None)
+        if cfg.train.world_size > 1 and cfg.train.world_size != ctx.world_size:
+            raise ConfigError(f"the configuration was resolved for {cfg.train.world_size} "
+                              f"workers but the job has {ctx.world_size}; launch it with "
+                              f"{cfg.train.world_size} workers")
+        cfg, notes = resolve(cfg, ctx.world_size)
+        for note in notes:
+            say(f"note: {note}")
         out = Path(cfg.out)
         if ctx.is_primary:
             out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, out / "config.toml")
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         if ctx.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        cond = conditions(cfg, ctx)
         where = (f"{ctx.world_size} CPU worker process(es) x {torch.get_num_threads()} "
                  "thread(s) — CPU timings show code paths and relative effects, not GPU "
                  "performance" if ctx.device.type == "cpu"
@@ -246,13 +266,20 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         say(f"run {cfg.run_id or out.name}: {cfg.model.arch} U-Net widths "
             f"{list(cfg.model.widths)}, {cfg.data.class_scheme} classes, engine "
             f"{cfg.train.engine}, {cfg.train.precision}, on {where}")
+        if cond["oversubscribed"]:
+            say(f"warning: oversubscribed: {cond['oversubscribed_why']}; the row is flagged")
+        if cond["precision_emulated"]:
+            say(f"warning: {cfg.train.precision} is emulated: {cond['precision_why']}; the "
+                "row is flagged")
         scheme = make_scheme(cfg.data.class_scheme)
-        (index, train_ds, train_loader, val_loader, per_worker,
+        (index, train_ds, train_loader, val_loader,
          n_train, n_val) = build_loaders(cfg, ctx, scheme, say)
+        tc = cfg.train
         say(f"data: {n_train} train / {n_val} validation images, crop "
-            f"{cfg.data.image_size}, loader {cfg.data.loader}, batch {per_worker}/worker")
+            f"{cfg.data.image_size}, loader {cfg.data.loader}, batch "
+            f"{tc.per_worker_batch}/worker ({tc.global_batch_size} global), lr "
+            f"{tc.effective_lr:.3g} ({tc.lr_scaling} scaling of {tc.lr:.3g})")
         model = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
-        params = count_params(model)
         flops = None
         try:
             flops = telemetry.train_flops_per_image(
@@ -264,23 +291,19 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
             model = model.to(memory_format=torch.channels_last)
         if cfg.model.compile:
             model = torch.compile(model)
-        steps_per_epoch = len(train_loader) // cfg.train.grad_accum
-        total = cfg.train.steps or cfg.train.epochs * max(1, steps_per_epoch)
-        engine = build_engine(model, cfg.train, ctx.device, total, ctx.distributed)
+        steps_per_epoch = max(1, len(train_loader) // tc.grad_accum)
+        total = tc.steps or (tc.warmup_steps + tc.measure_steps if cfg.mode == "throughput"
+                             else tc.epochs * steps_per_epoch)
+        engine = build_engine(model, tc, ctx.device, total, ctx.distributed)
         weights = class_weights_from(train_ds, scheme.num_classes) \
-            if cfg.train.class_weights else None
-        if cfg.data.loader == "synthetic" and cfg.mode != "throughput":
-            say("loader 'synthetic' feeds random tensors: accuracy is not measured "
-                "(mode set to throughput)")
-            cfg.mode = "throughput"
+            if tc.class_weights else None
         trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
                           checkpoint_path=out / "checkpoint.pt", class_weights=weights)
-        if resume:
-            last = next((p for p in (out / "last.pt", out / "checkpoint.pt") if p.is_file()),
-                        None)
-            if last is None:
-                raise FileNotFoundError(f"--resume: no last.pt or checkpoint.pt in {out}")
-            trainer.resume(load_checkpoint(last))
+        if resume_state is not None:
+            trainer.resume(resume_state)
+        if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
+            dump_config(cfg, out / "config.toml")
+        baseline = telemetry.host_rss_mb()  # after imports, data and model build
         telemetry.reset_allocator_peak(ctx.device)
         telemetry.reset_host_peak_rss()  # the peak then covers training, not set-up
         nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \
@@ -291,11 +314,12 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
         res = trainer.fit()
         wall = time.perf_counter() - t0
         nvml_stats = nvml.stop() if nvml else {}
-        memory = _gather_memory(ctx, nvml_stats)
-        row = build_row(cfg, ctx, scheme, res, params, flops, memory, per_worker)
+        memory = _gather_memory(ctx, nvml_stats, baseline)
+        row = build_row(cfg, ctx, res, flops, {**memory, **cond})
         row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
                    finished_at=_utc_now())
-        final_weights = engine.model_state_dict()  # collective under ZeRO-3: every rank
+        # Collective under ZeRO-3: every rank.
+        final_weights = res.final_weights or engine.model_state_dict()
         if not ctx.is_primary:
             return None
         write_json_atomic(out / "metrics.json", {"best": res.metrics, "history": res.history,
@@ -303,11 +327,11 @@ def run(cfg: RunConfig, log: Log = print, resume: bool = False) -> dict[str, Any
                                                  "step_losses": res.step_losses})
         write_json_atomic(out / "result.json", row)
         try:
-            from segcore.train import figures as viz
+            from segcore.train import figures
             plain = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
             plain.load_state_dict(final_weights)
-            viz.run_figures(out, res, scheme, plain.to(ctx.device), val_loader, ctx.device,
-                            cfg.model.channels_last)
+            figures.run_figures(out, res, scheme, plain.to(ctx.device), val_loader,
+                                ctx.device, cfg.model.channels_last)
         except Exception as e:  # figures must not lose the results already written
             say(f"warning: figures not drawn ({type(e).__name__}: {e})")
         say(summary_line(row))
@@ -321,11 +345,12 @@ def _utc_now() -> str:
 
 
 def summary_line(row: dict[str, Any]) -> str:
-    def f(v, fmt):
-        return "-" if v is None or v != v else format(v, fmt)
+    from segcore.fmt import fmt
 
-    return (f"done: {f(row.get('throughput_img_s'), '.1f')} img/s, step p50 "
-            f"{f(row.get('step_ms_p50'), '.0f')} ms, data wait "
-            f"{f(row.get('data_wait_pct'), '.1f')} %, peak mem "
-            f"{f(row.get('peak_mem_mb'), '.0f')} MB, mIoU {f(row.get('mIoU'), '.3f')}, "
-            f"train {f(row.get('train_time_s'), '.0f')} s")
+    return (f"done: {fmt(row.get('throughput_img_s'), '.1f')} img/s (95 % CI "
+            f"+/-{fmt(row.get('throughput_ci95_pct'), '.1f')} %, "
+            f"{row.get('measured_steps')} measured steps), step p50 "
+            f"{fmt(row.get('step_ms_p50'), '.0f')} ms, data wait "
+            f"{fmt(row.get('data_wait_pct'), '.1f')} %, memory "
+            f"{fmt(row.get('mem_workload_mb'), '.0f')} MB above baseline, mIoU "
+            f"{fmt(row.get('mIoU'), '.3f')}, train {fmt(row.get('train_time_s'), '.0f')} s")

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from segcore.precision import DTYPES
+
 __all__ = [
     "StepTimer",
     "NvmlSampler",
@@ -198,9 +200,10 @@ class StepTimer:
             ``measured_steps``, ``images`` (measured), ``wall_s`` (begin of the first
             measured step to end of the last, so gaps between steps count, less the
             stretches inside :meth:`paused`),
-            ``throughput_img_s`` (= images / wall_s, not a mean of per-step rates),
-            ``step_ms_p50/p90/p99``, ``step_ms_mean``, ``step_ms_std`` (sample std,
-            0 for one step), ``data_wait_pct`` (sum of data waits / sum of step times
+            ``throughput_img_s`` (= images / wall_s, not a mean of per-step rates) with
+            its 95 % interval (:func:`batch_means_ci`), ``step_ms_p50/p90/p99`` (each
+            NaN below :data:`PERCENTILE_MIN_SAMPLES` steps), ``step_ms_mean``,
+            ``step_ms_std`` (sample std, 0 for one step), ``data_wait_pct`` (sum of data waits / sum of step times
             * 100), ``fwd_bwd_ms_p50`` and ``optim_ms_p50``. Statistics are NaN when
             there are no measured steps or the phase was never marked.
         """
@@ -211,7 +214,8 @@ class StepTimer:
             "images": int(sum(self._images)),
         }
         nan_keys = ("wall_s", "throughput_img_s", "step_ms_p50", "step_ms_p90",
-                    "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",
+                    "step_ms_p99", "throughput_ci95_lo", "throughput_ci95_hi",
+                    "throughput_ci95_pct", "step_ms_mean", "step_ms_std", "data_wait_pct",
                     "fwd_bwd_ms_p50", "optim_ms_p50")
         if n == 0:
             out.update({k: _NAN for k in nan_keys})
@@ -219,12 +223,15 @@ class StepTimer:
         step_ms = np.asarray(self._step_s, dtype=np.float64) * 1e3
         wall = float(self._last_end - self._first_begin  # type: ignore[operator]
                      - self._paused_s)
-        p50, p90, p99 = np.percentile(step_ms, [50, 90, 99])
         out["wall_s"] = wall
         out["throughput_img_s"] = out["images"] / wall if wall > 0 else _NAN
-        out["step_ms_p50"] = float(p50)
-        out["step_ms_p90"] = float(p90)
-        out["step_ms_p99"] = float(p99)
+        # A tail percentile from a handful of samples is the maximum in disguise: each
+        # is reported only with enough samples for it (PERCENTILE_MIN_SAMPLES).
+        for q, need in PERCENTILE_MIN_SAMPLES.items():
+            out[f"step_ms_p{q}"] = float(np.percentile(step_ms, q)) if n >= need else _NAN
+        out.update(batch_means_ci(np.asarray(self._images, dtype=np.float64),
+                                  np.asarray(self._step_s, dtype=np.float64),
+                                  out["throughput_img_s"]))
         out["step_ms_mean"] = float(step_ms.mean())
         out["step_ms_std"] = float(step_ms.std(ddof=1)) if n > 1 else 0.0
         data = np.asarray(self._data_s, dtype=np.float64)
@@ -238,6 +245,50 @@ class StepTimer:
         out["fwd_bwd_ms_p50"] = _nan_median_ms(self._fwd_bwd_s)
         out["optim_ms_p50"] = _nan_median_ms(self._optim_s)
         return out
+
+
+# Fewest measured steps for each step-time percentile to be reported (else NaN).
+PERCENTILE_MIN_SAMPLES = {50: 1, 90: 20, 99: 100}
+MAX_CI_BATCHES = 10
+# Two-sided 95 % Student t critical values by degrees of freedom (1.96 beyond 30).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201,
+        2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069,
+        2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % critical value of Student's t with ``df`` degrees of freedom."""
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 1.96
+
+
+def batch_means_ci(images: np.ndarray, step_s: np.ndarray,
+                   throughput: float) -> dict[str, Any]:
+    """95 % confidence interval of a throughput by the method of batch means.
+
+    The measured steps are cut into up to :data:`MAX_CI_BATCHES` consecutive batches of
+    equal length (at least 3 steps each, so neighbouring steps' correlation mostly stays
+    inside a batch); each batch's throughput is images / time; the interval is
+    ``t95(k-1) * sd / sqrt(k)`` around their mean, applied as a relative half-width to
+    ``throughput``. Fewer than 2 batches: no interval (NaN).
+
+    Returns:
+        ``throughput_ci95_lo``, ``throughput_ci95_hi``, ``throughput_ci95_pct`` (half-width
+        in % of the throughput) and ``ci_batches``.
+    """
+    n = len(step_s)
+    k = min(MAX_CI_BATCHES, n // 3)
+    out: dict[str, Any] = {"throughput_ci95_lo": _NAN, "throughput_ci95_hi": _NAN,
+                           "throughput_ci95_pct": _NAN, "ci_batches": max(k, 0)}
+    if k < 2 or not math.isfinite(throughput):
+        out["ci_batches"] = 0
+        return out
+    size = n // k
+    cut = [slice(i * size, (i + 1) * size) for i in range(k)]
+    rates = np.array([images[s].sum() / step_s[s].sum() for s in cut])
+    half = t95(k - 1) * rates.std(ddof=1) / math.sqrt(k) / rates.mean()
+    out.update(throughput_ci95_lo=throughput * (1 - half),
+               throughput_ci95_hi=throughput * (1 + half), throughput_ci95_pct=half * 100.0)
+    return out
 
 
 def _nan_median_ms(values_s: list[float]) -> float:
@@ -535,9 +586,12 @@ def _count_flops(model: torch.nn.Module, input_shape: tuple[int, int, int],
     if len(tuple(input_shape)) != 3:
         raise ValueError(f"input_shape = {input_shape!r} must be (C, H, W) for one image")
     # A copy keeps the caller's model untouched: no stray .grad, no BatchNorm running
-    # statistics moved by a fake batch. U-Nets here are small, so the copy is cheap.
+    # statistics moved by a fake batch.
     work = copy.deepcopy(_unwrap(model))
-    device, dtype = _model_device_dtype(work)
+    _, dtype = _model_device_dtype(work)
+    # On the meta device: shapes only, so counting costs neither compute nor memory.
+    work = work.to("meta")
+    device = torch.device("meta")
     work.train(backward)
     # The input does not require grad, as in training, so the first layer's input
     # gradient is (correctly) not counted.
@@ -611,7 +665,6 @@ _DTYPE_NAMES = {
     "fp32": "fp32", "float32": "fp32", "float": "fp32",
     "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16",
 }
-_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -670,7 +723,7 @@ def _measured_matmul_tflops(dev_key: str, device: str, dt: str,
     # dev_key and threads are part of the cache key only: the peak depends on them.
     del dev_key, threads
     dev = torch.device(device)
-    dtype = _TORCH_DTYPES[dt]
+    dtype = DTYPES[dt]
     sync = cuda_sync_fn(dev) or (lambda: None)
     n_max = 8192 if dev.type == "cuda" else 2048
 

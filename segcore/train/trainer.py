@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,19 +44,53 @@ class TrainResult:
     train_time_s: float = 0.0
     time_to_target_s: float | None = None
     stopped_early: bool = False
+    # Model weights at the end of the accuracy budget (mode both: before the window).
+    final_weights: dict[str, Any] | None = None
 
 
-def injected_fault() -> tuple[int, int] | None:
-    """``SEGBENCH_FAULT=RANK:STEP`` makes that rank raise before that step: a drill for
-    checking that a failing worker fails the whole job fast (see docs/ARCHITECTURE.md)."""
+FAULT_KINDS = ("error", "oom", "kill")
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault (``SEGBENCH_FAULT=RANK:STEP[:KIND]``)."""
+
+    rank: int
+    step: int
+    kind: str = "error"
+
+    def fire(self, device: torch.device) -> None:
+        """Raise (or die) as the real fault would."""
+        where = f"on rank {self.rank} at step {self.step} (SEGBENCH_FAULT)"
+        if self.kind == "kill":  # what the kernel's OOM killer does
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kind == "oom":
+            if device.type == "cuda":
+                raise torch.OutOfMemoryError(f"CUDA out of memory: injected {where}")
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               f"allocate 1099511627776 bytes: injected {where}")
+        raise RuntimeError(f"injected fault {where}")
+
+
+def injected_fault() -> Fault | None:
+    """``SEGBENCH_FAULT=RANK:STEP[:KIND]`` makes that rank fail before that step: a drill
+    for checking that a failing worker fails the whole job fast and becomes the right row
+    (see docs/ARCHITECTURE.md). KIND: ``error`` (default), ``oom`` (the allocator's
+    out-of-memory error) or ``kill`` (SIGKILL, as the kernel's OOM killer)."""
     spec = os.environ.get("SEGBENCH_FAULT")
     if not spec:
         return None
+    parts = spec.split(":")
     try:
-        rank, step = (int(v) for v in spec.split(":"))
-    except ValueError:
-        raise ValueError(f"SEGBENCH_FAULT={spec!r}: expected RANK:STEP, e.g. 1:3") from None
-    return rank, step
+        rank, step = int(parts[0]), int(parts[1])
+        kind = parts[2] if len(parts) > 2 else "error"
+    except (ValueError, IndexError):
+        raise ValueError(f"SEGBENCH_FAULT={spec!r}: expected RANK:STEP[:KIND], e.g. 1:3 or "
+                         "1:3:oom") from None
+    if len(parts) > 3 or kind not in FAULT_KINDS:
+        raise ValueError(f"SEGBENCH_FAULT={spec!r}: KIND must be one of "
+                         f"{', '.join(FAULT_KINDS)}")
+    return Fault(rank, step, kind)
 
 
 def _fmt_s(s: float) -> str:
@@ -96,6 +131,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_time_s = 0.0
         self.time_to_target_s: float | None = None
+        self._step_losses: list[torch.Tensor] = []
 
     # -- helpers --------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
@@ -147,27 +183,65 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        tc = self.cfg.train
-        timer = StepTimer(tc.warmup_steps, sync=cuda_sync_fn(self.ctx.device))
-        result = TrainResult()
-        steps_per_epoch = len(self.train_loader) // tc.grad_accum
-        if steps_per_epoch == 0:
+        """Train per the mode: ``accuracy`` trains the budget (``steps``, else ``epochs``)
+        with validation; ``throughput`` times a window of ``warmup_steps + measure_steps``
+        steps (or ``steps``); ``both`` trains the budget, then times a separate window, so
+        that every configuration's throughput rests on the same number of measured steps
+        whatever its dataset size, epochs or worker count, and its accuracy on an equal
+        sample budget."""
+        tc, mode = self.cfg.train, self.cfg.mode
+        self.steps_per_epoch = len(self.train_loader) // tc.grad_accum
+        if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training split gives no full batch: {len(self.train_loader)} "
                 f"micro-batches per epoch with grad_accum {tc.grad_accum}; lower "
                 "--batch-size or use more images")
-        max_steps = tc.steps if tc.steps is not None else tc.epochs * steps_per_epoch
-        epochs = tc.epochs if tc.steps is None else math.ceil(tc.steps / steps_per_epoch)
-        do_val = self.cfg.mode != "throughput"
-        step = self.start_epoch * steps_per_epoch
-        patience_left = tc.patience
-        best_metrics: dict[str, Any] = {}
-        best_cm = None
-        step_losses: list[torch.Tensor] = []  # kept on the device: no sync per step
-        fault = injected_fault()
-        t_start = time.perf_counter()
+        sync = cuda_sync_fn(self.ctx.device)
+        result = TrainResult()
+        self._fault = injected_fault()
+        self._epoch = self.start_epoch
+        self._step = self.start_epoch * self.steps_per_epoch
         self.engine.train(True)
-        for epoch in range(self.start_epoch, epochs):
+        if mode == "throughput":
+            timer = StepTimer(tc.warmup_steps, sync=sync)
+            n = tc.steps or tc.warmup_steps + tc.measure_steps
+            self._train(n, timer, result, accuracy=False, checkpoints=True)
+        else:
+            timer = StepTimer(tc.warmup_steps, sync=sync)
+            budget = tc.steps or tc.epochs * self.steps_per_epoch
+            self._train(budget, timer, result, accuracy=True, checkpoints=True)
+            result.steps = self._step
+            if mode == "both":
+                # The trained weights are the run's result; the window only times steps.
+                result.final_weights = self.engine.model_state_dict()  # collective (ZeRO-3)
+                timer = StepTimer(tc.warmup_steps, sync=sync)
+                self._step = 0
+                self.log(f"throughput window: {tc.warmup_steps} warm-up + "
+                         f"{tc.measure_steps} measured steps")
+                self._train(tc.warmup_steps + tc.measure_steps, timer, result,
+                            accuracy=False, checkpoints=False)
+        if mode == "throughput":
+            result.steps = self._step
+        if self._step_losses:
+            per_step = all_reduce_sum(torch.stack(self._step_losses)) / self.ctx.world_size
+            result.step_losses = per_step.cpu().tolist()
+        result.history, result.timing = self.history, timer.summary()
+        result.epochs = len(self.history)
+        result.train_time_s, result.time_to_target_s = self.train_time_s, self.time_to_target_s
+        return result
+
+    def _train(self, total_steps: int, timer: StepTimer, result: TrainResult,
+               accuracy: bool, checkpoints: bool) -> None:
+        """Train until ``self._step`` reaches ``total_steps``, epoch by epoch (the loader
+        loops as often as needed). ``accuracy``: validate, early-stop and keep the losses
+        and history of the budget; else only time steps (a throughput window)."""
+        tc = self.cfg.train
+        do_val = accuracy and self.cfg.mode != "throughput"
+        patience_left = tc.patience
+        epochs = math.ceil(total_steps / self.steps_per_epoch)
+        t_start = time.perf_counter()
+        while self._step < total_steps:
+            epoch = self._epoch
             for obj in (getattr(self.train_loader, "sampler", None), self.train_loader,
                         getattr(self.train_loader, "dataset", None)):
                 if hasattr(obj, "set_epoch"):
@@ -175,42 +249,25 @@ class Trainer:
             loss_acc = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
             t_epoch = time.perf_counter()
             it = iter(self.train_loader)
-            for _ in range(steps_per_epoch):
-                if step >= max_steps:
+            for _ in range(self.steps_per_epoch):
+                if self._step >= total_steps:
                     break
-                if fault is not None and fault == (self.ctx.rank, step + 1):
-                    raise RuntimeError(f"injected fault on rank {self.ctx.rank} at step "
-                                       f"{step + 1} (SEGBENCH_FAULT)")
-                if result.first_step_unix is None:
-                    result.first_step_unix = time.time()
-                timer.begin()
-                n_img = 0
-                for micro in range(tc.grad_accum):
-                    x, y = next(it)
-                    x, y = self._to_device(x, y)
-                    if micro == 0:
-                        timer.data_ready()
-                    sync_later = micro < tc.grad_accum - 1
-                    with self.engine.accumulate() if sync_later else contextlib.nullcontext():
-                        logits = self.engine.forward(x)
-                        loss = self._loss(logits, y)
-                        self.engine.backward(loss)
-                    loss_acc[0] += loss.detach().double()
-                    loss_acc[1] += 1
-                    step_losses.append(loss.detach().double())
-                    n_img += x.shape[0]
-                timer.compute_done()
-                self.engine.step()
-                timer.end(n_img * self.ctx.world_size)
-                step += 1
+                loss = self._one_step(it, timer, result)
+                loss_acc[0] += loss.sum()
+                loss_acc[1] += loss.numel()
+                if accuracy or self.cfg.mode == "throughput":
+                    self._step_losses.extend(loss.unbind())
+            self._epoch += 1
+            last = self._step >= total_steps
+            if not accuracy and not checkpoints:
+                continue  # a throughput window after training: nothing to record
             self.train_time_s += time.perf_counter() - t_epoch
             with timer.paused():  # epoch bookkeeping is not training time
                 all_reduce_sum(loss_acc)
-                train_loss = float(loss_acc[0] / loss_acc[1].clamp(min=1))
-                row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": self.engine.lr,
-                                       "train_loss": train_loss,
+                row: dict[str, Any] = {"epoch": epoch + 1, "step": self._step,
+                                       "lr": self.engine.lr,
+                                       "train_loss": float(loss_acc[0] / loss_acc[1].clamp(min=1)),
                                        "train_time_s": self.train_time_s}
-                last = step >= max_steps or epoch == epochs - 1
                 improved = False
                 if do_val and ((epoch + 1) % tc.val_every == 0 or last):
                     metrics, cm = self.validate()
@@ -220,31 +277,52 @@ class Trainer:
                         self.time_to_target_s = self.train_time_s
                     score = self._score(metrics)
                     if self.best_score is None or score > self.best_score:
-                        self.best_score, best_metrics, best_cm = score, metrics, cm
+                        self.best_score, result.metrics, result.confusion = score, metrics, cm
                         patience_left, improved = tc.patience, True
                     else:
                         patience_left -= 1
                 self.history.append(row)
-                self._progress(row, epoch, epochs, step, max_steps, t_start)
-                if self.checkpoint_path is not None:
+                self._progress(row, epoch, self.start_epoch + epochs, self._step,
+                               total_steps, t_start)
+                if checkpoints and self.checkpoint_path is not None:
                     self._save(epoch, best=improved or not do_val)
-            if last:
-                break
-            if do_val and tc.patience and patience_left <= 0:
+            if do_val and tc.patience and patience_left <= 0 and not last:
                 self.log(f"early stop: {tc.monitor} has not improved for {tc.patience} "
                          f"validation(s)")
                 result.stopped_early = True
                 break
-        if do_val and not best_metrics:
-            best_metrics, best_cm = self.validate()
-        if step_losses:
-            per_step = all_reduce_sum(torch.stack(step_losses)) / self.ctx.world_size
-            result.step_losses = per_step.cpu().tolist()
-        result.history, result.timing = self.history, timer.summary()
-        result.metrics, result.confusion = best_metrics, best_cm
-        result.epochs, result.steps = len(self.history), step
-        result.train_time_s, result.time_to_target_s = self.train_time_s, self.time_to_target_s
-        return result
+        if do_val and not result.metrics:
+            result.metrics, result.confusion = self.validate()
+
+    def _one_step(self, it, timer: StepTimer, result: TrainResult) -> torch.Tensor:
+        """One optimizer step of ``grad_accum`` micro-batches; their losses (detached,
+        on the device: no host sync per step)."""
+        tc = self.cfg.train
+        if self._fault is not None and (self._fault.rank, self._fault.step) == (
+                self.ctx.rank, self._step + 1):
+            self._fault.fire(self.ctx.device)
+        if result.first_step_unix is None:
+            result.first_step_unix = time.time()
+        timer.begin()
+        n_img = 0
+        losses = []
+        for micro in range(tc.grad_accum):
+            x, y = next(it)
+            x, y = self._to_device(x, y)
+            if micro == 0:
+                timer.data_ready()
+            sync_later = micro < tc.grad_accum - 1
+            with self.engine.accumulate() if sync_later else contextlib.nullcontext():
+                logits = self.engine.forward(x)
+                loss = self._loss(logits, y)
+                self.engine.backward(loss)
+            losses.append(loss.detach().double())
+            n_img += x.shape[0]
+        timer.compute_done()
+        self.engine.step()
+        timer.end(n_img * self.ctx.world_size)
+        self._step += 1
+        return torch.stack(losses)
 
     def _progress(self, row, epoch, epochs, step, max_steps, t_start) -> None:
         elapsed = time.perf_counter() - t_start

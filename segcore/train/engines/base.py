@@ -24,7 +24,7 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     SGD is there because its update is linear in the gradient: a gradient that is summed
     where it should be averaged changes an SGD trajectory, while Adam normalizes it away.
     """
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    kwargs: dict[str, Any] = {"lr": cfg.effective_lr, "weight_decay": cfg.weight_decay}
     if device.type == "cuda":
         kwargs["fused"] = True
     if cfg.optimizer == "sgd":
@@ -33,11 +33,27 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device) -> torch.opti
     return klass(params, **kwargs)
 
 
+def lr_warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
+    """Linear lr warm-up length: as configured, else 5 % of the steps when the lr was
+    scaled up for a larger global batch (Goyal et al. 2017), else none."""
+    if cfg.lr_warmup_steps is not None:
+        return min(cfg.lr_warmup_steps, max(0, total_steps - 1))
+    return int(0.05 * total_steps) if cfg.effective_lr > cfg.lr else 0
+
+
 def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig,
                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps))
-    return None
+    """Optional linear warm-up, then cosine decay (or constant) over ``total_steps``."""
+    sched = torch.optim.lr_scheduler
+    warm = lr_warmup_steps(cfg, total_steps)
+    main = (sched.CosineAnnealingLR(opt, T_max=max(1, total_steps - warm))
+            if cfg.schedule == "cosine" else None)
+    if not warm:
+        return main
+    ramp = sched.LinearLR(opt, start_factor=1.0 / (warm + 1), total_iters=warm)
+    return sched.SequentialLR(opt, [ramp, main or sched.ConstantLR(opt, factor=1.0,
+                                                                    total_iters=0)],
+                              milestones=[warm])
 
 
 class Engine:

@@ -49,8 +49,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def make_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for a run config (user file merged on top)."""
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size if not cfg.strong_scaling
-        else cfg.batch_size // world_size,
+        "train_micro_batch_size_per_gpu": cfg.per_worker_batch,
         "gradient_accumulation_steps": cfg.grad_accum,
         "zero_optimization": {"stage": cfg.zero_stage,
                               "stage3_gather_16bit_weights_on_model_save": True},
