@@ -25,27 +25,29 @@ def ref_confusion(pred: np.ndarray, target: np.ndarray, c: int, ignore=IGNORE) -
 
 
 def ref_metrics(cm: np.ndarray) -> dict:
-    """Per-class values by explicit counting; absent classes NaN, excluded from means."""
+    """mmsegmentation's arithmetic, redone by explicit counting: per-class areas
+    (intersection, union, predicted, true), every ratio as numpy's 0/0 = NaN, means as
+    ``np.nanmean``. ``mConfDiag``: sklearn-style row-normalized diagonal (an empty row
+    gives 0) over the classes seen in truth or prediction."""
     c = cm.shape[0]
-    iou, dice, prec, rec = (np.full(c, np.nan) for _ in range(4))
-    for k in range(c):
-        tp = cm[k, k]
-        fn = cm[k].sum() - tp
-        fp = cm[:, k].sum() - tp
-        if tp + fn + fp == 0:
-            continue  # absent from prediction and target
-        iou[k] = tp / (tp + fn + fp)
-        dice[k] = 2 * tp / (2 * tp + fn + fp)
-        prec[k] = tp / (tp + fp) if tp + fp else 0.0
-        rec[k] = tp / (tp + fn) if tp + fn else 0.0
+    inter = np.array([cm[k, k] for k in range(c)], dtype=np.float64)
+    area_true = np.array([sum(cm[k, j] for j in range(c)) for k in range(c)], np.float64)
+    area_pred = np.array([sum(cm[j, k] for j in range(c)) for k in range(c)], np.float64)
+    union = area_true + area_pred - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou, dice = inter / union, 2 * inter / (area_true + area_pred)
+        prec, rec = inter / area_pred, inter / area_true
+    seen = [k for k in range(c) if area_true[k] + area_pred[k] > 0]
+    diag = [inter[k] / area_true[k] if area_true[k] else 0.0 for k in seen]
     total = cm.sum()
 
     def mean(v):
-        return float(np.mean(v[~np.isnan(v)])) if (~np.isnan(v)).any() else math.nan
+        return float(np.nanmean(v)) if (~np.isnan(v)).any() else math.nan
 
     out = {"aAcc": np.trace(cm) / total if total else math.nan,
            "mIoU": mean(iou), "mDice": mean(dice), "mPrecision": mean(prec),
-           "mRecall": mean(rec), "mAcc": mean(rec)}
+           "mRecall": mean(rec), "mAcc": mean(rec),
+           "mConfDiag": float(np.mean(diag)) if diag else math.nan}
     for k in range(c):
         out.update({f"IoU.{k}": iou[k], f"Dice.{k}": dice[k],
                     f"Precision.{k}": prec[k], f"Recall.{k}": rec[k]})
@@ -117,14 +119,40 @@ def test_absent_classes():
     m = metrics_from_confusion(confusion_matrix(pred, target, 4))
     for key in ("IoU", "Dice", "Precision", "Recall"):
         assert math.isnan(m[f"{key}.3"])
-        assert m[f"{key}.2"] == 0.0  # in target, never predicted
-    assert m["Precision.2"] == 0.0 and m["Recall.1"] == 0.0 and m["IoU.1"] == 0.0
+    assert m["IoU.2"] == m["Dice.2"] == m["Recall.2"] == 0.0  # in target, never predicted
+    assert math.isnan(m["Precision.2"])  # never predicted: precision undefined (0/0)
+    assert m["IoU.1"] == m["Dice.1"] == m["Precision.1"] == 0.0  # predicted, never true
+    assert math.isnan(m["Recall.1"])  # not in the truth: recall undefined (0/0)
     assert m["IoU.0"] == pytest.approx(2 / 4)
-    # Means are over classes 0..2 only.
+    # IoU and Dice average over classes 0..2; Acc (recall) only over those in the truth
+    # (0 and 2); precision only over those predicted (0 and 1).
     assert m["mIoU"] == pytest.approx((0.5 + 0 + 0) / 3)
-    assert m["mAcc"] == pytest.approx((2 / 3 + 0 + 0) / 3)
+    assert m["mAcc"] == m["mRecall"] == pytest.approx((2 / 3 + 0) / 2)
+    assert m["mPrecision"] == pytest.approx((2 / 3 + 0) / 2)
+    # The reference study's diagonal keeps the predicted-only class 1 in, with 0.
+    assert m["mConfDiag"] == pytest.approx((2 / 3 + 0 + 0) / 3)
     assert m["aAcc"] == pytest.approx(2 / 5)
     assert_metrics_close(m, ref_metrics(confusion_matrix(pred, target, 4).numpy()))
+
+
+def test_macc_leaves_out_a_class_absent_from_the_truth_as_mmsegmentation_does():
+    # Four classes in the truth (recall 1/4, 1, 1, 3/4); class 4 is only ever predicted:
+    # it lowers the study's diagonal mean, not mAcc.
+    cm = torch.tensor([[1, 0, 0, 0, 3],
+                       [0, 4, 0, 0, 0],
+                       [0, 0, 4, 0, 0],
+                       [0, 0, 0, 3, 1],
+                       [0, 0, 0, 0, 0]])
+    m = metrics_from_confusion(cm)
+    recalls = [1 / 4, 1, 1, 3 / 4]
+    assert m["mAcc"] == pytest.approx(sum(recalls) / 4)
+    assert m["mConfDiag"] == pytest.approx(sum(recalls) / 5)
+    assert m["mConfDiag"] < m["mAcc"]
+    assert math.isnan(m["Recall.4"]) and m["IoU.4"] == 0.0
+    # Without such a class the two coincide.
+    m2 = metrics_from_confusion(cm[:4, :4])
+    assert m2["mAcc"] == pytest.approx(m2["mConfDiag"])
+    assert_metrics_close(m, ref_metrics(cm.numpy()))
 
 
 def test_all_one_class():
@@ -188,14 +216,18 @@ def test_class_names_in_keys():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_macc_is_mean_of_normalised_diagonal(seed):
+def test_macc_is_mean_of_normalised_diagonal_over_true_classes(seed):
     pred, target = random_batch(seed, 6, shape=(40,))
     cm = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 6)
     norm = normalized_confusion(cm)
     assert norm.dtype == torch.float32
-    present = (cm.sum(0) + cm.sum(1)) > 0
+    in_truth = cm.sum(1) > 0
+    seen = (cm.sum(0) + cm.sum(1)) > 0
     m = metrics_from_confusion(cm)
-    assert m["mAcc"] == pytest.approx(norm.diagonal()[present].double().mean().item(), rel=1e-6)
+    assert m["mAcc"] == pytest.approx(norm.diagonal()[in_truth].double().mean().item(),
+                                      rel=1e-6)
+    assert m["mConfDiag"] == pytest.approx(norm.diagonal()[seen].double().mean().item(),
+                                           rel=1e-6)
     assert m["mAcc"] == m["mRecall"]
 
 
