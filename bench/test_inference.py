@@ -2,7 +2,7 @@
 of the bf16 channels-last train step to the fp32 NCHW step.
 
 Inference: paper and modern U-Net, fp32 and bf16, one batch through the network as
-``segcore.infer.predict_tiled`` runs it (eval mode, ``torch.inference_mode``, autocast
+``segcore.predict.tiles.blend_tiles`` runs it (eval mode, ``torch.inference_mode``, autocast
 to the precision, channels-last input and model). 256x256 batch 4 on CPU, 512x512
 batch 8 on CUDA, as the train-step benchmarks. Each output is checked against an fp32
 NCHW reference forward of the same weights.

@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
                    help="truth values: indices of the checkpoint's class scheme (target, "
                         "default) or 24-class SDD labels remapped like training (sdd)")
     p.add_argument("--properties", help="TOML overriding surface kinds / runoff "
-                                        "coefficients (see segcore/flood.py)")
+                                        "coefficients (see segcore/predict/flood.py)")
     p.add_argument("--tile", type=int, default=512, help="tile side in pixels (512)")
     p.add_argument("--overlap", type=float, default=0.25,
                    help="fraction of a tile shared with its neighbour (0.25)")
@@ -105,7 +105,8 @@ def _fmt(v, spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from segcore.config import ConfigError
-    from segcore.predict.folder import Hooks, PredictError, PredictSettings, predict_checkpoint
+    from segcore.predict import PredictError
+    from segcore.predict.folder import Hooks, PredictSettings, predict_checkpoint
 
     bars = _Bars(enabled=not a.no_progress)
     try:

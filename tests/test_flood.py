@@ -1,4 +1,4 @@
-"""Surface fractions and composite runoff coefficients from class maps (segcore.flood)."""
+"""Surface fractions and composite runoff coefficients from class maps (segcore.predict.flood)."""
 
 from __future__ import annotations
 

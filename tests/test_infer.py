@@ -1,4 +1,4 @@
-"""Sliding-window inference (segcore.infer)."""
+"""Sliding-window inference (segcore.predict.tiles)."""
 
 from __future__ import annotations
 

@@ -28,11 +28,12 @@ from PIL import Image
 
 from segcore.config import DataConfig, ModelConfig, RunConfig
 from segcore.data.classes import scheme as make_scheme
-from segcore.data.dataset import MEAN, STD, to_tensor
-from segcore.predict.tiles import predict_image, predict_tiled, tile_grid
+from segcore.data.dataset import MEAN, STD, normalize_image as normalize, to_tensor
+from segcore.data.images import read_truth
+from segcore.data.layouts import DatasetError
 from segcore.model.unet import build_model
-from segcore.predict.folder import (PredictError, normalize, plan_blocks, predict_classes,
-                             read_truth)
+from segcore.predict.blocks import plan_blocks, predict_classes, tile_normalizer
+from segcore.predict.tiles import predict_image, predict_tiled, tile_grid
 from segcore.train.checkpoint import save_checkpoint as save_checkpoint_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ _spec = importlib.util.spec_from_file_location("launch_predict", REPO / "launch"
 launcher = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(launcher)
 
-# (low, typical, high) per class, copied from the tables in segcore/flood.py's docstring
+# (low, typical, high) per class, copied from the tables in segcore/predict/flood.py's docstring
 # (None = unknown surface): the expected values below are computed from these by hand.
 COEF = {
     "six": {"unlabeled": None, "paved-area": (0.70, 0.85, 0.95), "dirt": (0.20, 0.45, 0.70),
@@ -170,10 +171,14 @@ def read_csv(out: Path) -> pd.DataFrame:
 # ----------------------------------------------------------------------- exactness
 
 
-def test_normalize_matches_training_exactly():
-    img = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
-    ref, _ = to_tensor(img, np.zeros((7, 9), np.uint8))
-    assert torch.equal(normalize(img), ref)
+def test_tile_normalizer_matches_training_exactly():
+    """Tiles normalized on the device, batch by batch, are bitwise the training input."""
+    img = np.random.default_rng(0).integers(0, 256, (2, 7, 9, 3), dtype=np.uint8)
+    batch = tile_normalizer("cpu")(torch.from_numpy(img).permute(0, 3, 1, 2))
+    assert batch.dtype == torch.float32 and batch.shape == (2, 3, 7, 9)
+    for k in range(2):
+        ref, _ = to_tensor(img[k], np.zeros((7, 9), np.uint8))
+        assert torch.equal(batch[k], ref)
 
 
 @pytest.mark.parametrize("scheme_name", ["six", "binary", "full"])
@@ -271,7 +276,7 @@ def test_truth_kind_sdd_remaps_24_class_labels(tmp_path):
     p = save_png(tmp_path / "m.png", labels)
     np.testing.assert_array_equal(read_truth(p, sch, "sdd"),
                                   [[0, 1, 2, 3], [2, 5, 4, 255]])
-    with pytest.raises(PredictError, match="--truth-kind sdd"):
+    with pytest.raises(DatasetError, match="--truth-kind sdd"):
         read_truth(p, sch, "target")
 
 
@@ -323,10 +328,38 @@ def test_block_plan_for_full_size_photos():
     full = plan_blocks(4000, 6000, 512, 0.25, 24, 1024)
     assert 1 < len(full) <= 6
     assert sum(b.tiles for b in full) <= 1.2 * n_tiles
-    per_px = 4 * 25 + 12
+    per_px = 4 * 25 + 4  # accumulator + weight map, uint8 input + class map
     assert max((b.y1 - b.y0) * (b.x1 - b.x0) for b in full) * per_px <= 1024 * 2 ** 20
     wide = plan_blocks(512, 60000, 512, 0.25, 24, 256)  # too wide for a strip: columns
     assert len({b.x0 for b in wide}) > 1
+
+
+def test_one_host_copy_per_block(monkeypatch):
+    """The blend stays on the model's device: one device -> host copy (the uint8 class
+    map) per block, not one per batch of tiles; every batch the model sees is float."""
+    img = np.random.default_rng(5).integers(0, 256, (100, 150, 3), dtype=np.uint8)
+    blocks = plan_blocks(100, 150, 16, 0.25, 5, 0.06)
+    batches = -(-max(b.tiles for b in blocks) // 3)
+    assert len(blocks) > 1 and batches > 1  # copies per batch would outnumber blocks
+    copies, seen = [], []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        copies.append((self.dtype, tuple(self.shape)))
+        return real_cpu(self, *a, **k)
+
+    def fn(x):
+        seen.append(x.dtype)
+        return position_model()(x)
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    got = predict_classes(fn, img, 5, tile=16, overlap=0.25, batch_size=3, max_block_mb=0.06)
+    monkeypatch.undo()
+    assert len(copies) == len(blocks)
+    assert [c[1] for c in copies] == [(b.ky1 - b.ky0, b.kx1 - b.kx0) for b in blocks]
+    assert all(c[0] == torch.uint8 for c in copies) and set(seen) == {torch.float32}
+    whole = predict_image(position_model(), normalize(img), 5, tile=16, overlap=0.25)
+    np.testing.assert_array_equal(got, whole.numpy())
 
 
 def receptive_radius(model, size=96) -> int:
@@ -353,7 +386,7 @@ def test_tiled_equals_untiled_real_unet(tmp_path):
     The tolerance: outside seams both sides compute the same convolutions on the same
     inputs; only the blend (a weighted mean of equal numbers) and batch composition
     change the float rounding, far below 1e-4 for logits of order 1."""
-    from segcore.predict.folder import load_model
+    from segcore.predict.model import load_model
 
     ckpt = random_checkpoint(tmp_path / "r.pt", "six", widths=(8, 16, 32))
     model = load_model(ckpt).model
@@ -392,6 +425,45 @@ def test_tiled_equals_untiled_real_unet(tmp_path):
     with torch.no_grad():
         ref_sq = model(normalize(sq)[None].contiguous(memory_format=torch.channels_last))
     np.testing.assert_array_equal(one, ref_sq[0].argmax(0).numpy())
+
+
+# ------------------------------------------------------------------ model, package
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "_orig_mod.module."])
+def test_wrapped_checkpoint_loads_like_a_plain_one(tmp_path, prefix):
+    """Weights saved from a compiled or DDP-wrapped model (prefixed keys) load through
+    segcore.train.checkpoint into the plain model; a missing file is a PredictError."""
+    from segcore.predict import PredictError
+    from segcore.predict.model import load_model
+
+    plain = random_checkpoint(tmp_path / "plain.pt", "six")
+    state = torch.load(plain, weights_only=True)
+    state["engine"]["model"] = {prefix + k: v for k, v in state["engine"]["model"].items()}
+    save_checkpoint_atomic(state, tmp_path / "wrapped.pt")
+    a, b = load_model(plain).model, load_model(tmp_path / "wrapped.pt").model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    with pytest.raises(PredictError, match=r"checkpoint .*nope\.pt does not exist"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_package_import_is_light_and_reexports_lazily():
+    code = ("import sys, segcore.predict as p; "
+            "heavy = [m for m in ('torch', 'pandas', 'matplotlib') if m in sys.modules]; "
+            "assert not heavy, heavy; "
+            "from segcore.predict.tiles import predict_tiled; "
+            "from segcore.predict.folder import predict_checkpoint; "
+            "assert p.predict_tiled is predict_tiled and p.predict_checkpoint is predict_checkpoint; "
+            "assert 'pandas' not in sys.modules and 'matplotlib' not in sys.modules; "
+            "assert issubclass(p.PredictError, ValueError)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr
+    import segcore.predict as pkg
+
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pkg.no_such_name
 
 
 # ----------------------------------------------------------------------- outputs

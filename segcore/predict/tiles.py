@@ -1,15 +1,22 @@
 """Sliding-window (tiled) inference for full-resolution drone images.
 
 A 6000 x 4000 image does not fit through a U-Net in one piece, and a model trained on
-crops is most accurate on inputs of its training size. :func:`predict_tiled` covers the
+crops is most accurate on inputs of its training size. :func:`blend_tiles` covers the
 image with overlapping tiles (the last tile of each row and column flush with the edge),
 runs them in batches and blends the outputs with a smooth window, so that predictions
 near a tile border, where the network saw little context, count less than those from
 the middle of a neighbouring tile.
 
-Memory is bounded independently of the number of tiles: the output accumulator
-(``C x H x W`` float32 on the CPU), one weight map (``H x W``) and one batch of tiles.
-Tiles are sliced from the image one batch at a time, never unfolded all at once.
+The blend happens where the model runs: the weighted outputs accumulate on the model's
+device, so a batch of tile outputs never crosses to the host; the caller copies the
+result (or, cheaper, its uint8 class map) once. Memory is bounded independently of the
+number of tiles: the accumulator (``C x H x W`` float32), one weight map (``H x W``) and
+one batch of tiles, all on the device. Tiles are sliced from the image one batch at a
+time, never unfolded all at once. :mod:`segcore.predict.blocks` bounds the accumulator
+too, by predicting a large photo in blocks.
+
+Logits become classes through :func:`segcore.metrics.logits_to_pred` only (argmax;
+``sigmoid > threshold`` for a 1-channel binary head), as in training's evaluation.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["tile_grid", "window_2d", "predict_tiled", "predict_image"]
+from segcore.metrics import logits_to_pred
+
+__all__ = ["tile_grid", "window_2d", "blend_tiles", "predict_tiled", "logits_to_classes",
+           "predict_image"]
 
 WINDOWS = ("hann", "triangle", "flat")
+_CLASS_ROWS = 256  # rows per logits -> classes chunk: bounds the int64 temporaries
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -127,41 +138,47 @@ def _pad_reflect(x: torch.Tensor, top: int, bottom: int, left: int, right: int) 
     return x
 
 
-def predict_tiled(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                  num_out_channels: int, tile: int | Sequence[int] = 512,
-                  overlap: float | int = 0.25, batch_size: int = 4,
-                  device: torch.device | str | None = None,
-                  autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-                  progress: Callable[[int, int], None] | None = None,
-                  window: str = "hann", window_floor: float = 0.05) -> torch.Tensor:
-    """Run a dense model over a large image tile by tile and blend the tiles.
+
+def blend_tiles(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                num_out_channels: int, tile: int | Sequence[int] = 512,
+                overlap: float | int = 0.25, batch_size: int = 4,
+                device: torch.device | str | None = None,
+                autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+                progress: Callable[[int, int], None] | None = None,
+                window: str = "hann", window_floor: float = 0.05,
+                transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+    """Run a dense model over a large image tile by tile and blend the tiles on ``device``.
 
     Args:
         model_fn: ``batch [B, Cin, th, tw] -> [B, C, th, tw]`` (a module in eval mode,
             already on ``device``, or any callable). Its outputs are blended as they are:
             logits, or probabilities if it applies a softmax itself.
-        image: ``[Cin, H, W]`` float tensor, already normalized.
+        image: ``[Cin, H, W]`` tensor on any device: float and normalized, or whatever
+            ``transform`` turns into the model's input.
         num_out_channels: ``C``, channels the model returns.
         tile: tile side or ``(tile_h, tile_w)``; an image smaller than a tile is
             reflect-padded to it and the output cropped back.
         overlap: fraction of the tile in [0, 1) (float) or pixels (int).
         batch_size: tiles per forward pass.
-        device: where tiles are run; default the image's device.
+        device: where tiles run and blend; default the image's device.
         autocast_dtype: run the model under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` / ``torch.float16``); ``None`` for full precision.
         channels_last: feed tiles in NHWC memory format (match a channels_last model).
         progress: called as ``progress(tiles_done, tiles_total)`` after each batch.
         window: blending window, ``hann`` (default), ``triangle`` or ``flat``.
         window_floor: smallest blending weight, in (0, 1].
+        transform: applied to each batch of tiles once it is on ``device`` (e.g. uint8
+            -> normalized float, so that only a quarter of the bytes cross to the device).
 
     Returns:
-        ``[C, H, W]`` float32 tensor on the CPU: the weighted mean of the tile outputs.
+        ``[C, H, W]`` float32 tensor on ``device``: the weighted mean of the tile outputs.
 
     Raises:
         ValueError: bad arguments, a module in training mode, or a model output of the
             wrong shape.
     """
-    if image.dim() != 3 or not image.is_floating_point():
+    if image.dim() != 3 or (transform is None and not image.is_floating_point()):
         raise ValueError(f"image must be a float [C, H, W] tensor, got {image.dtype} "
                          f"{tuple(image.shape)}")
     if isinstance(num_out_channels, bool) or not isinstance(num_out_channels, int) \
@@ -185,23 +202,25 @@ def predict_tiled(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     vh, vw = min(H, th), min(W, tw)
     pt, pl = (th - vh) // 2, (tw - vw) // 2
     pb, pr = th - vh - pt, tw - vw - pl
-    weight = window_2d(th, tw, window, window_floor)[pt:pt + vh, pl:pl + vw].contiguous()
+    weight = window_2d(th, tw, window, window_floor)[pt:pt + vh, pl:pl + vw].to(device)
 
     # Allocated outside inference_mode so the caller gets ordinary tensors (in-place ops
     # on inference tensors are refused outside inference mode).
-    out = torch.zeros(C, H, W, dtype=torch.float32)
-    wsum = torch.zeros(H, W, dtype=torch.float32)
+    out = torch.zeros(C, H, W, dtype=torch.float32, device=device)
+    wsum = torch.zeros(H, W, dtype=torch.float32, device=device)
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
 
     with torch.inference_mode():
         for start in range(0, total, batch_size):
             chunk = origins[start:start + batch_size]
-            tiles = [image[:, y:y + vh, x:x + vw] for y, x in chunk]
-            batch = torch.stack(tiles)  # one batch copy, bounded by batch_size
+            # One batch copy (bounded by batch_size), moved to the device as one transfer.
+            batch = torch.stack([image[:, y:y + vh, x:x + vw] for y, x in chunk])
+            batch = batch.to(device, non_blocking=True)
+            if transform is not None:
+                batch = transform(batch)
             if pt or pb or pl or pr:
                 batch = _pad_reflect(batch, pt, pb, pl, pr)
-            batch = batch.to(device, non_blocking=True)
             if channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with amp:
@@ -210,7 +229,7 @@ def predict_tiled(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
             if tuple(pred.shape) != expect:
                 raise ValueError(f"model returned {tuple(pred.shape)} for a batch of "
                                  f"{tuple(batch.shape)}; expected {expect}")
-            pred = pred[:, :, pt:pt + vh, pl:pl + vw].float().cpu()
+            pred = pred[:, :, pt:pt + vh, pl:pl + vw].float()
             for (y, x), p in zip(chunk, pred):
                 out[:, y:y + vh, x:x + vw].addcmul_(p, weight)
                 wsum[y:y + vh, x:x + vw].add_(weight)
@@ -220,18 +239,56 @@ def predict_tiled(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     return out.div_(wsum)
 
 
+def predict_tiled(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                  num_out_channels: int, **kwargs) -> torch.Tensor:
+    """:func:`blend_tiles`, with the blended outputs copied to the host once.
+
+    Args:
+        model_fn, image, num_out_channels, **kwargs: as for :func:`blend_tiles`
+            (``image`` float and normalized unless a ``transform`` is given).
+
+    Returns:
+        ``[C, H, W]`` float32 tensor on the CPU.
+    """
+    return blend_tiles(model_fn, image, num_out_channels, **kwargs).cpu()
+
+
+def logits_to_classes(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Class map of ``[C, H, W]`` logits by :func:`segcore.metrics.logits_to_pred`.
+
+    Computed on the logits' device in row chunks, so the int64 temporaries stay small
+    (12 MB for a 6000-pixel-wide image) whatever the image height.
+
+    Returns:
+        uint8 ``[H, W]`` on the logits' device.
+
+    Raises:
+        ValueError: more than 256 classes (they do not fit uint8).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [C, H, W], got {tuple(logits.shape)}")
+    if logits.shape[0] > 256:
+        raise ValueError(f"{logits.shape[0]} classes do not fit a uint8 class map")
+    H, W = logits.shape[1:]
+    classes = torch.empty(H, W, dtype=torch.uint8, device=logits.device)
+    for r in range(0, H, _CLASS_ROWS):
+        classes[r:r + _CLASS_ROWS] = logits_to_pred(logits[None, :, r:r + _CLASS_ROWS],
+                                                    threshold)[0]
+    return classes
+
+
 def predict_image(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
                   num_out_channels: int, threshold: float = 0.5, return_probs: bool = False,
                   **tiled_kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Class map of a full image via :func:`predict_tiled`.
+    """Class map of a full image via :func:`blend_tiles` and :func:`logits_to_classes`.
 
     Args:
-        model_fn, image, num_out_channels: as for :func:`predict_tiled`; the model
+        model_fn, image, num_out_channels: as for :func:`blend_tiles`; the model
             returns logits.
         threshold: for ``C == 1`` (binary sigmoid head), class 1 where
             ``sigmoid(logit) > threshold``.
         return_probs: also return probabilities (softmax over channels, or the sigmoid
-            for ``C == 1``), ``[C, H, W]`` float32.
+            for ``C == 1``), ``[C, H, W]`` float32 on the CPU.
         **tiled_kwargs: ``tile``, ``overlap``, ``batch_size``, ``device``, ... passed on.
 
     Returns:
@@ -239,12 +296,9 @@ def predict_image(model_fn: Callable[[torch.Tensor], torch.Tensor], image: torch
     """
     if num_out_channels > 256:
         raise ValueError(f"{num_out_channels} classes do not fit a uint8 class map")
-    logits = predict_tiled(model_fn, image, num_out_channels, **tiled_kwargs)
-    if num_out_channels == 1:
-        probs = torch.sigmoid(logits)
-        classes = (probs[0] > threshold).to(torch.uint8)
-    else:
-        # argmax of logits == argmax of softmax; compute softmax only when asked.
-        classes = logits.argmax(dim=0).to(torch.uint8)
-        probs = torch.softmax(logits, dim=0) if return_probs else None
-    return (classes, probs) if return_probs else classes
+    logits = blend_tiles(model_fn, image, num_out_channels, **tiled_kwargs)
+    classes = logits_to_classes(logits, threshold).cpu()
+    if not return_probs:
+        return classes
+    probs = torch.sigmoid(logits) if num_out_channels == 1 else torch.softmax(logits, dim=0)
+    return classes, probs.cpu()
