@@ -8,6 +8,7 @@ workers reports exactly what one process would on the same data.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as tdist
 
 from segcore.config import RunConfig
 from segcore.data.classes import ClassScheme
@@ -164,22 +166,55 @@ class Trainer:
     # -- evaluation -----------------------------------------------------------------
     @torch.inference_mode()
     def validate(self) -> tuple[dict[str, Any], torch.Tensor]:
-        """Metrics over the whole validation split (summed over ranks)."""
+        """Metrics over the whole validation split (summed over ranks).
+
+        Every rank runs the same number of forwards, whatever its shard: a rank with
+        fewer batches (5 images on 2 ranks at batch 2: 2 and 1) runs padding forwards
+        on one blank image and discards them. An engine's forward can be a collective
+        (ZeRO-3 fetches each layer's weights and, while it records its module order,
+        checks it against rank 0 with a broadcast), and a rank that moved on to the
+        metric all-reduce would leave the other waiting until the collective timeout.
+        """
         n_out = self.scheme.num_classes
         cm = ConfusionMatrix(n_out, ignore_index=IGNORE_INDEX, device=self.ctx.device)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        batches = iter(self.val_loader)
+        first = next(batches, None)
+        n_pad, blank = self._eval_padding(first)
         with self.engine.evaluation() as forward:
-            for x, y in self.val_loader:
+            for x, y in itertools.chain([first] if first is not None else [], batches):
                 x, y = self._to_device(x, y)
                 logits = forward(x)
                 loss_sum[0] += self._loss(logits, y, reduction="sum").double()
                 loss_sum[1] += (y != IGNORE_INDEX).sum()
                 cm.update_from_logits(logits.float(), y)
+            for _ in range(n_pad):
+                forward(blank)
         cm.all_reduce()
         all_reduce_sum(loss_sum)
         metrics = cm.compute(self.scheme.names)
         metrics["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
         return metrics, cm.mat.cpu()
+
+    def _eval_padding(self, first) -> tuple[int, torch.Tensor | None]:
+        """How many padding forwards this rank owes, and the blank input for them.
+
+        One collective before any forward: the most batches any rank holds, and the
+        image shape (a rank with no batch at all learns it from the others; validation
+        images share one size).
+        """
+        if not self.ctx.distributed:
+            return 0, None
+        mine = [len(self.val_loader), *(first[0].shape[1:] if first is not None else (0,) * 3)]
+        most = torch.tensor(mine, dtype=torch.int64, device=self.ctx.device)
+        tdist.all_reduce(most, op=tdist.ReduceOp.MAX)
+        n_pad = int(most[0]) - mine[0]
+        if n_pad == 0:
+            return 0, None
+        blank = torch.zeros(1, *most[1:].tolist(), device=self.ctx.device)
+        if self.channels_last:
+            blank = blank.contiguous(memory_format=torch.channels_last)
+        return n_pad, blank
 
     # -- training -------------------------------------------------------------------
     def fit(self) -> TrainResult:
