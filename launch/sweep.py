@@ -67,12 +67,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=_ints("--gpus"),
                    help="worker counts per node (GPUs, or CPU processes without GPUs); "
                         "default: 1,2,4.. up to the GPUs present, 1,2 on CPU")
-    p.add_argument("--batch-sizes", type=_ints("--batch-sizes"), default=[4, 8],
+    p.add_argument("--batch-sizes", type=_ints("--batch-sizes"),
                    help="per-worker batch sizes (default 4,8)")
-    p.add_argument("--depths", type=_ints("--depths"), default=[3, 4],
+    p.add_argument("--depths", type=_ints("--depths"),
                    help="U-Net depths, widths doubling from 16 (default 3,4)")
     p.add_argument("--engines", type=_strs(None, "--engines"), default=["ddp"],
-                   help="ddp, single, deepspeed:0..3 (default ddp)")
+                   help="ddp, single, fsdp, deepspeed:0..3 (default ddp)")
     p.add_argument("--loaders", type=_strs(("torch", "dali", "synthetic"), "--loaders"),
                    default=["torch"])
     p.add_argument("--precisions", type=_strs(("fp32", "bf16", "fp16"), "--precisions"),
@@ -80,15 +80,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", type=_bools, default=[True],
                    help="on, off or on,off (default on)")
     p.add_argument("--data", default="synthetic", help="dataset folder or 'synthetic'")
-    p.add_argument("--classes", choices=("binary", "six", "full"), default="six")
-    p.add_argument("--arch", choices=("paper", "modern"), default="modern")
+    p.add_argument("--classes", choices=("binary", "six", "full"), help="default six")
+    p.add_argument("--arch", choices=("paper", "modern"), help="default modern")
     p.add_argument("--mode", choices=("throughput", "accuracy", "both"), default="both")
     p.add_argument("--preset", help="a named grid: paper (the reference study), smoke")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=2, help="epochs per configuration")
-    p.add_argument("--steps", type=int, help="stop each job after N optimizer steps")
+    p.add_argument("--image-size", type=int, help="training crop side (default 128)")
+    p.add_argument("--epochs", type=int,
+                   help="accuracy budget per configuration, in epochs (default 2)")
+    p.add_argument("--steps", type=int, help="stop each job's training after N steps")
     p.add_argument("--warmup-steps", type=int, default=3)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--measure-steps", type=int, default=30,
+                   help="timed steps per configuration after warm-up (default 30)")
+    p.add_argument("--lr", type=float, help="learning rate at one worker's batch")
+    p.add_argument("--lr-scaling", choices=("linear", "sqrt", "none"), default="linear",
+                   help="lr rule for larger global batches (default linear, Goyal et al.)")
     p.add_argument("--repeats", type=int, default=1, help="runs per configuration (spread)")
     p.add_argument("--strong-scaling", action="store_true",
                    help="keep the global batch fixed (default: weak scaling)")
@@ -101,12 +106,53 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job")
     p.add_argument("--out", help="results folder (default runs/sweeps/<sweep-id>)")
     p.add_argument("--sweep-id")
-    p.add_argument("--resume", action="store_true", help="skip recorded configurations")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep in --out (default: the latest under "
+                        "runs/sweeps): run only configurations not yet recorded")
     p.add_argument("--dry-run", action="store_true", help="print each job's command only")
     p.add_argument("--train-arg", action="append", default=[], metavar="FLAG=VALUE",
-                   help="extra launch/train.py flag for every job, e.g. --train-arg "
-                        "--synthetic-images=40")
+                   help="a launch/train.py flag for every job, e.g. "
+                        "--train-arg=--synthetic-images=40")
     return p
+
+
+DEFAULTS = {"batch_sizes": [4, 8], "depths": [3, 4], "classes": "six", "arch": "modern",
+            "image_size": 128, "epochs": 2}
+SWEEPS = Path("runs") / "sweeps"
+
+
+def train_overrides(items: list[str]) -> dict:
+    """``--train-arg FLAG=VALUE`` items parsed by launch/train.py's own parser, as the
+    nested configuration values they set."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("segbench_train_cli",
+                                                  Path(__file__).with_name("train.py"))
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    flags = []
+    for item in items:
+        k, eq, v = item.partition("=")
+        flags += [k, v] if eq else [k]
+    p = train_cli.parser()
+    p.exit_on_error = False
+    try:
+        ns = p.parse_args(flags)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise ConfigError(f"--train-arg {' '.join(items)}: {e}; use the form "
+                          "--train-arg=--synthetic-images=40") from None
+    over = train_cli.overrides(ns)
+    over.pop("run", None)
+    return over
+
+
+def latest_sweep() -> Path:
+    """The most recently started sweep folder under runs/sweeps (for --resume alone)."""
+    found = sorted(SWEEPS.glob("*/sweep.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ConfigError(f"--resume without --out: no sweep folder under {SWEEPS}; pass "
+                          "--out with the folder to continue")
+    return found[-1].parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,31 +163,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from segcore.host import capture_env, hardware_tag
-        from segcore.sweep.driver import SweepSpec, preset, run_sweep
+        from segcore.host import capture_env, hardware_tag, usable_cores
+        from segcore.sweep.driver import SweepInterrupted, run_sweep
+        from segcore.sweep.grid import PRESET_FIELDS, SweepSpec, preset
 
+        if a.preset:
+            p = preset(a.preset)  # unknown names fail here
+            given = [f for f in PRESET_FIELDS[a.preset] if getattr(a, f, None) is not None]
+            if given:
+                flags = ", ".join("--" + g.replace("_", "-") for g in given)
+                raise ConfigError(f"--preset {a.preset} sets {flags} itself; drop {flags} "
+                                  "or the preset")
+        for k, v in DEFAULTS.items():
+            if getattr(a, k) is None:
+                setattr(a, k, v)
         workers = a.gpus or default_workers()
         cpu = not torch.cuda.is_available()
-        threads = a.threads
+        threads = a.threads or None
         if cpu and not threads:
-            from segcore.host import usable_cores
-
-            cores = usable_cores()
-            threads = max(1, cores // max(workers))
-        extra = []
-        for item in a.train_arg:
-            k, _, v = item.partition("=")
-            extra.append((k, v))
+            threads = max(1, usable_cores() // max(workers))
         spec = SweepSpec(workers=workers, batch_sizes=a.batch_sizes, depths=a.depths,
                          engines=a.engines, loaders=a.loaders, precisions=a.precisions,
                          channels_last=a.channels_last, data=a.data, classes=a.classes,
                          arch=a.arch, mode=a.mode, image_size=a.image_size,
                          epochs=a.epochs, steps=a.steps, warmup_steps=a.warmup_steps,
-                         lr=a.lr, repeats=a.repeats, strong_scaling=a.strong_scaling,
+                         measure_steps=a.measure_steps, lr=a.lr, lr_scaling=a.lr_scaling,
+                         repeats=a.repeats, strong_scaling=a.strong_scaling,
                          threads=threads, nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint,
-                         timeout_s=a.timeout, extra=extra)
+                         timeout_s=a.timeout, overrides=train_overrides(a.train_arg))
         if a.preset:
-            p = preset(a.preset)
             spec.preset_rows = p["rows"]
             spec.arch = p.get("arch", spec.arch)
             spec.image_size = p.get("image_size", spec.image_size)
@@ -151,20 +201,30 @@ def main(argv: list[str] | None = None) -> int:
             node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         sweep_id = a.sweep_id or f"{hardware_tag(capture_env([]))}-{stamp}"
-        out = Path(a.out or Path("runs") / "sweeps" / sweep_id)
+        if a.out:
+            out = Path(a.out)
+        elif a.resume:
+            out = latest_sweep()
+            print(f"resuming the latest sweep: {out}", flush=True)
+        else:
+            out = SWEEPS / sweep_id
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder for the results")
         if cpu:
             print(f"no GPU: each worker is a CPU process with {threads} thread(s) (gloo). "
                   "CPU timings show code paths and relative effects, not GPU performance.",
                   flush=True)
         run_sweep(spec, out, sweep_id, resume=a.resume, dry_run=a.dry_run,
                   is_writer=node_rank == 0, log=lambda m: print(m, flush=True),
-                  argv=sys.argv)
+                  argv=sys.argv if argv is None else ["launch/sweep.py", *argv])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SweepInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: rows already recorded are kept; re-run with --resume",
-              file=sys.stderr)
+        print("interrupted before the sweep started: nothing was recorded", file=sys.stderr)
         return 130
     return 0
 

@@ -263,7 +263,10 @@ class TrainConfig:
 
     @property
     def reference_batch(self) -> int:
-        """The global batch at which :attr:`lr` is given: one worker's batch."""
+        """The global batch at which :attr:`lr` is given: one worker's batch (weak
+        scaling), or the fixed global batch (strong scaling: the lr does not change)."""
+        if self.strong_scaling and self.global_batch_size:
+            return self.global_batch_size
         return self.local_batch_size * self.grad_accum
 
     @property

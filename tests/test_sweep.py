@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from segcore.config import ConfigError
+from segcore.config import ConfigError, load_config
+from segcore.sweep.driver import check_resume_spec, writer_lock, FolderBusy, _record_start
+from segcore.sweep.grid import SweepSpec, expand, parse_engine, preset
+from segcore.sweep.jobs import (child_env, classify_failure, failure_row, job_command)
 from segcore.sweep.rows import read_records
-from segcore.sweep.driver import (SweepSpec, child_env, classify_failure, expand, job_command,
-                           mark_noise, parse_engine, preset)
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = str(ROOT / "launch" / "sweep.py")
@@ -32,8 +33,39 @@ def test_grid_expands_with_unique_ids_and_workers_fastest():
     # ddp and deepspeed: 2 worker counts each; single: the 1-worker baseline only
     assert len(jobs) == 2 * (2 + 2 + 1)
     assert [j.workers for j in jobs[:2]] == [1, 2]
-    ds = [j for j in jobs if j.flag("--engine") == "deepspeed"]
-    assert all(j.flag("--zero-stage") == "2" for j in ds)
+    ds = [j for j in jobs if j.config.train.engine == "deepspeed"]
+    assert ds and all(j.config.train.zero_stage == 2 for j in ds)
+
+
+def test_every_job_config_is_resolved_in_the_driver():
+    weak = expand(spec(workers=[1, 2], batch_sizes=[4]))
+    assert [(j.config.train.world_size, j.config.train.per_worker_batch,
+             j.config.train.global_batch_size) for j in weak] == [(1, 4, 4), (2, 4, 8)]
+    # linear lr scaling at the larger global batch (the 1-worker batch is the reference)
+    assert weak[1].config.train.effective_lr == pytest.approx(2 * weak[0].config.train.lr)
+    strong = expand(spec(workers=[1, 2], batch_sizes=[8], strong_scaling=True))
+    assert [(j.config.train.per_worker_batch, j.config.train.global_batch_size)
+            for j in strong] == [(8, 8), (4, 8)]
+    assert strong[1].config.train.effective_lr == strong[0].config.train.effective_lr
+    with pytest.raises(ConfigError, match="does not split over 2 worker"):
+        expand(spec(workers=[2], batch_sizes=[3], strong_scaling=True))
+    with pytest.raises(ConfigError, match="train.lr = inf"):
+        expand(spec(overrides={"train": {"lr": float("inf")}}))
+    synth = expand(spec(loaders=["synthetic"], workers=[1]))[0]
+    assert synth.config.mode == "throughput"  # the mode rule, applied before writing
+
+
+def test_failed_and_ok_rows_carry_the_same_configuration_columns():
+    from segcore.row import config_columns
+
+    for strong in (False, True):
+        job = expand(spec(workers=[2], batch_sizes=[8], strong_scaling=strong))[0]
+        fail = failure_row(job, "s", "oom", "out of memory", 1, "cpu", "x")
+        cols = config_columns(job.config, nnodes=1, device_type="cpu", device_name="x")
+        assert {k: fail[k] for k in cols} == cols
+        assert fail["batch_size"] == (4 if strong else 8)  # always the per-worker batch
+        assert fail["global_batch_size"] == 8 if strong else 16
+        assert fail["params"] > 0 and fail["num_classes"] == 6
 
 
 def test_repeats_and_presets():
@@ -54,15 +86,20 @@ def test_bad_engine_names_the_choices():
         parse_engine("deepspeed:7")
 
 
-def test_command_has_exact_workers_and_fresh_rendezvous(tmp_path):
+def test_command_starts_the_job_with_its_config_file_and_identity_only(tmp_path):
     job = expand(spec())[1]
-    cmd = job_command(job, spec(), tmp_path, "s1")
+    cmd = job_command(job, tmp_path, "s1")
     assert "--nproc-per-node=2" in cmd and "--standalone" in cmd
+    i = cmd.index("--config")
+    assert cmd[i + 1] == str(tmp_path / "configs" / f"{job.run_id}.toml")
+    flags = [c for c in cmd[cmd.index(str(ROOT / "launch" / "train.py")) + 1:]
+             if c.startswith("--")]
+    assert flags == ["--config", "--run-id", "--sweep-id", "--out"]
     multi = spec(nnodes=2, rdzv_endpoint="node0:29500")
-    cmd = job_command(expand(multi)[0], multi, tmp_path, "s1")
+    cmd = job_command(expand(multi)[0], tmp_path, "s1", 2, "node0:29500")
     assert "--nnodes=2" in cmd and "--rdzv-endpoint=node0:29500" in cmd
     with pytest.raises(ConfigError, match="rdzv-endpoint"):
-        job_command(job, spec(nnodes=2), tmp_path, "s1")
+        job_command(job, tmp_path, "s1", 2, None)
 
 
 def test_child_env_drops_parent_torchrun_variables(monkeypatch):
@@ -71,27 +108,53 @@ def test_child_env_drops_parent_torchrun_variables(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     env = child_env()
     assert not {"MASTER_PORT", "RANK", "TORCHELASTIC_RUN_ID"} & set(env)
+    assert env["SEGBENCH_DIE_WITH_PARENT"] == "1"
 
 
-@pytest.mark.parametrize("rc,text,timed_out,status", [
-    (3, "[rank 0] error: out of memory: CUDA out of memory", False, "oom"),
-    (1, "blah\n[rank 1] error: RuntimeError: boom\nTraceback", False, "failed"),
-    (-1, "", True, "timeout"),
-    (1, "no error line here", False, "failed"),
+KILLED_LOG = """[rank0]:W ... Sending process 123 closing signal SIGTERM
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_05:00:00
+  host      : h
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4567)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4567
+"""
+
+
+@pytest.mark.parametrize("rc,text,timed_out,status,words", [
+    (3, "[rank 0] error: out of memory: CUDA out of memory", False, "oom", "out of memory"),
+    (1, "[rank 0] error: out of memory: DefaultCPUAllocator: can't allocate memory", False,
+     "oom", "can't allocate"),
+    (1, KILLED_LOG, False, "oom", "rank 1 was killed (SIGKILL), likely out of memory"),
+    (1, "blah\n[rank 1] error: RuntimeError: boom\nTraceback", False, "failed", "boom"),
+    (-1, "", True, "timeout", "--timeout"),
+    (1, "no error line here", False, "failed", "exit code 1"),
 ])
-def test_failure_classification(rc, text, timed_out, status):
+def test_failure_classification(rc, text, timed_out, status, words):
     got, msg = classify_failure(rc, text, timed_out)
-    assert got == status and msg
+    assert got == status and words in msg
 
 
-def test_noise_flag_over_repeats():
-    rows = [{"run_id": f"a-r{i}", "status": "ok", "throughput_img_s": t}
-            for i, t in enumerate([10.0, 10.5, 12.0])]
-    rows += [{"run_id": f"b-r{i}", "status": "ok", "throughput_img_s": t}
-             for i, t in enumerate([10.0, 10.2])]
-    mark_noise(rows)
-    assert all(r["noisy"] for r in rows[:3]) and not any(r["noisy"] for r in rows[3:])
-    assert rows[0]["throughput_spread_pct"] == pytest.approx(2 / 10.5 * 100)
+def test_one_writer_per_folder(tmp_path):
+    with writer_lock(tmp_path, ["sweep", "--out", "x"]):
+        with pytest.raises(FolderBusy, match=r"another sweep \(pid \d+ .*sweep --out x"):
+            with writer_lock(tmp_path, ["second"]):
+                pass
+    with writer_lock(tmp_path, ["third"]):  # released when the holder ends
+        pass
+
+
+def test_resume_refuses_another_grid_and_keeps_the_sweep_id(tmp_path):
+    s = spec(image_size=64)
+    _record_start(tmp_path, s, "first-id", ["launch/sweep.py"], resume=False)
+    assert check_resume_spec(tmp_path, spec(image_size=64)) == "first-id"
+    with pytest.raises(ConfigError, match=r"image_size: recorded 64, now 128.*steps"):
+        check_resume_spec(tmp_path, spec(image_size=128, steps=12))
+    _record_start(tmp_path, s, "first-id", ["launch/sweep.py", "--resume"], resume=True)
+    env = json.loads((tmp_path / "env.json").read_text())
+    assert [c["resume"] for c in env["commands"]] == [False, True]
 
 
 def sweep(args, env, timeout=400):

@@ -1,0 +1,191 @@
+"""The sweep's grid: a :class:`SweepSpec` expanded into jobs, each a resolved RunConfig.
+
+The driver validates every configuration here, before any job starts: a bad value fails
+the whole sweep at once with the usual one-line error, and each job later receives its
+configuration as a file (``configs/<run-id>.toml``), not as flag strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segcore.config import ConfigError, RunConfig, resolve, widths_for_depth
+
+
+@dataclass(frozen=True)
+class Job:
+    """One configuration of the grid: its id, workers per node and resolved config."""
+
+    run_id: str
+    workers: int  # per node
+    config: RunConfig
+    repeat: int = 0
+
+
+@dataclass
+class SweepSpec:
+    """The grid and how to run it (built by ``launch/sweep.py`` from its flags).
+
+    ``overrides`` are configuration values for every job (``--train-arg``), as nested
+    ``{"data": {"synthetic_images": 40}}``; ``preset_rows`` a preset's explicit
+    configurations (replacing the batch x depth product).
+    """
+
+    workers: list[int]
+    batch_sizes: list[int]
+    depths: list[int]
+    engines: list[str]  # "ddp", "deepspeed:2", "single", "fsdp"
+    loaders: list[str]
+    precisions: list[str]
+    channels_last: list[bool]
+    data: str = "synthetic"
+    classes: str = "six"
+    arch: str = "modern"
+    mode: str = "both"
+    image_size: int = 128
+    epochs: int = 3
+    steps: int | None = None
+    warmup_steps: int = 3
+    measure_steps: int = 30
+    lr: float | None = None
+    lr_scaling: str = "linear"
+    repeats: int = 1
+    strong_scaling: bool = False
+    threads: int | None = None
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    timeout_s: float = 1800.0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    preset_rows: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """What defines the grid (recorded in the folder; ``--resume`` must match it)."""
+        return dataclasses.asdict(self)
+
+
+ENGINE_CHOICES = "ddp, single, fsdp, deepspeed:0, deepspeed:1, deepspeed:2 or deepspeed:3"
+
+
+def parse_engine(spec: str) -> tuple[str, int]:
+    """``ddp`` -> ("ddp", 0); ``deepspeed:2`` -> ("deepspeed", 2)."""
+    name, _, stage = spec.partition(":")
+    if name not in ("ddp", "deepspeed", "single", "fsdp"):
+        raise ConfigError(f"--engines: {spec!r} is not an engine; use {ENGINE_CHOICES}")
+    if name != "deepspeed":
+        if stage:
+            raise ConfigError(f"--engines: {spec!r}: only deepspeed takes a ZeRO stage")
+        return name, 0
+    if stage not in ("", "0", "1", "2", "3"):
+        raise ConfigError(f"--engines: {spec!r}: the ZeRO stage must be 0, 1, 2 or 3")
+    return name, int(stage or 0)
+
+
+# What each preset sets, so that a preset never silently overrides a flag the user gave.
+PRESET_FIELDS = {"paper": ("arch", "batch_sizes", "depths", "classes", "lr"),
+                 "smoke": ("batch_sizes", "depths", "classes", "image_size", "epochs")}
+
+
+def preset(name: str) -> dict[str, Any]:
+    """Named grids. ``paper`` reproduces the reference study's configurations:
+    binary at lr 1e-4 / batch 8 and six classes at lr 1e-3 / batch 16, the study's three
+    U-Nets (16,32,64), (16,64,128), (16,32,64,256), with and without augmentation, paper
+    architecture, 15 % test split. ``smoke``: one tiny configuration."""
+    if name == "paper":
+        rows = []
+        for classes, lr, batch in (("binary", 1e-4, 8), ("six", 1e-3, 16)):
+            for widths in ("16,32,64", "16,64,128", "16,32,64,256"):
+                for augment in (True, False):
+                    rows.append({"classes": classes, "lr": lr, "batch": batch,
+                                 "widths": widths, "augment": augment})
+        return {"arch": "paper", "rows": rows}
+    if name == "smoke":
+        return {"rows": [{"classes": "six", "batch": 4, "widths": "8,16", "augment": True}],
+                "image_size": 64, "epochs": 1}
+    raise ConfigError(f"--preset {name!r} is unknown; choose one of: paper, smoke")
+
+
+def _slug(v: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", v)
+
+
+def _merge(d: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(d.get(k), dict):
+            _merge(d[k], v)
+        else:
+            d[k] = v
+
+
+def job_config(spec: SweepSpec, row: dict[str, Any], engine: str, stage: int, loader: str,
+               precision: str, channels_last: bool, world: int, run_id: str,
+               sweep_id: str, out: str) -> RunConfig:
+    """The resolved configuration of one job (validated: raises ConfigError)."""
+    d = RunConfig().to_dict()
+    d.update(mode=spec.mode, run_id=run_id, sweep_id=sweep_id, out=out)
+    m, data, t = d["model"], d["data"], d["train"]
+    m.update(arch=spec.arch, widths=[int(w) for w in row["widths"].split(",")],
+             kernel=None, channels_last=channels_last)
+    if spec.arch == "paper":
+        m["norm"] = "none"
+    data.update(source=spec.data, class_scheme=row["classes"], image_size=spec.image_size,
+                loader=loader, augment=row.get("augment", True))
+    t.update(engine=engine, zero_stage=stage, precision=precision, epochs=spec.epochs,
+             steps=spec.steps, warmup_steps=spec.warmup_steps,
+             measure_steps=spec.measure_steps, lr_scaling=spec.lr_scaling,
+             strong_scaling=spec.strong_scaling, threads=spec.threads)
+    if spec.strong_scaling:
+        t.update(global_batch_size=row["batch"], local_batch_size=row["batch"])
+    else:
+        t.update(local_batch_size=row["batch"], global_batch_size=None)
+    lr = row.get("lr", spec.lr)
+    if lr is not None:
+        t["lr"] = lr
+    _merge(d, spec.overrides)
+    try:
+        cfg, _notes = resolve(RunConfig.from_dict(d), world)
+    except ConfigError as e:
+        raise ConfigError(f"configuration {run_id}: {e}") from None
+    return cfg
+
+
+def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> list[Job]:
+    """The grid as an ordered list of jobs (workers vary fastest, so each family's
+    1-worker baseline runs first); every configuration resolved and validated. Each
+    job's output folder is ``out_dir/runs/<run-id>``."""
+    for w in spec.workers:
+        if w < 1:
+            raise ConfigError(f"--gpus: worker counts must be >= 1, got {w}")
+    if spec.repeats < 1:
+        raise ConfigError(f"--repeats {spec.repeats} must be >= 1")
+    base: list[dict[str, Any]] = []
+    if spec.preset_rows is not None:
+        base = [dict(r) for r in spec.preset_rows]
+    else:
+        for b, d in itertools.product(spec.batch_sizes, spec.depths):
+            base.append({"batch": b, "widths": ",".join(map(str, widths_for_depth(d))),
+                         "classes": spec.classes, "augment": True})
+    jobs = []
+    for row, engine, loader, prec, cl in itertools.product(
+            base, spec.engines, spec.loaders, spec.precisions, spec.channels_last):
+        name, stage = parse_engine(engine)
+        for workers in sorted(spec.workers):
+            world = workers * spec.nnodes
+            if name == "single" and world > 1:
+                continue  # the single engine is the 1-process baseline only
+            eng = name if name != "deepspeed" else f"ds{stage}"
+            rid = "-".join([f"w{world}", row["classes"], f"u{_slug(row['widths'])}",
+                            f"b{row['batch']}", eng, loader, prec, "cl" if cl else "nchw"]
+                           + ([] if row.get("augment", True) else ["noaug"])
+                           + ([f"lr{row['lr']:g}"] if "lr" in row else []))
+            for r in range(spec.repeats):
+                run_id = rid + (f"-r{r}" if spec.repeats > 1 else "")
+                out = str(Path(out_dir or "runs") / "runs" / run_id)
+                cfg = job_config(spec, row, name, stage, loader, prec, cl, world, run_id,
+                                 sweep_id, out)
+                jobs.append(Job(run_id, workers, cfg, r))
+    return jobs
