@@ -1,4 +1,4 @@
-"""Training engines selected by name: ``single``, ``ddp``, ``deepspeed``."""
+"""Training engines selected by name: ``single``, ``ddp``, ``deepspeed``, ``fsdp``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
                                "torchrun, or use --engine single")
         from segcore.train.engines.ddp import DDPEngine
         return DDPEngine(model, cfg, device, total_steps)
+    if cfg.engine == "fsdp":
+        from segcore.train.engines.fsdp import FSDPEngine
+        return FSDPEngine(model, cfg, device, total_steps)  # raises without a group
     from segcore.train.engines.deepspeed import DeepSpeedEngine
     return DeepSpeedEngine(model, cfg, device, total_steps)
 
