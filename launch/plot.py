@@ -3,8 +3,9 @@
     python launch/plot.py results/1xH100-80GB-20250101-120000
     python launch/plot.py results/a100-sweep results/h100-sweep --out compare/
 
-One folder: recomputes speedup from runs.jsonl and rewrites <folder>/plots/*.png and
-<folder>/report.md (runs.jsonl and runs.csv are only read). Several folders: writes the
+One folder: re-analyses runs.jsonl (speedup, confidence flags, best configurations:
+segcore/sweep/analysis.py) and rewrites <folder>/plots/*.png and <folder>/report.md
+(runs.jsonl and runs.csv are only read); prints one summary line per folder. Several folders: writes the
 comparison figures (one colour per folder) and compare.md into --out (default
 ./compare). Exit status: 0 done, 2 bad arguments (a missing folder, no runs.jsonl).
 """
@@ -47,7 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         path = report.write_compare(folders, Path(a.out or "compare"))
         plots_dir = path.parent
     print(f"wrote {path} and figures in {plots_dir}")
+    for f in folders:
+        print(summary(f))
     return 0
+
+
+def summary(folder: Path) -> str:
+    """One line per folder: runs, low-confidence runs by flag, the best throughput."""
+    from segcore.sweep import analysis
+    from segcore.fmt import fmt
+    from segcore.sweep.rows import read_rows
+
+    d = analysis.frame(read_rows(folder))
+    ok = d[d["ok"]]
+    counts = {k: int(ok["flags"].str.contains(k).sum()) for k in analysis.FLAGS}
+    flags = ", ".join(f"{k} {n}" for k, n in counts.items() if n)
+    best = analysis.best_per_objective(d)[0]
+    top = (f"{fmt(best.row['throughput_img_s'], '.1f', ' img/s')} "
+           f"({best.row['run_id']})") if best.row is not None else f"n/a ({best.note})"
+    return (f"{folder}: {len(ok)}/{len(d)} run(s) ok, "
+            f"{int(ok['low_confidence'].sum())} low-confidence"
+            + (f" ({flags})" if flags else "") + f"; highest throughput: {top}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Tests of segcore.plots, segcore.report and launch/plot.py on synthetic result tables."""
+"""Tests of segcore.sweep.plots, report and launch/plot.py on synthetic result tables and
+on the committed results folders."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from segcore.sweep import plots, report
-from segcore.sweep.rows import append_row, read_rows, write_rows
 from segcore.io import write_json_atomic
+from segcore.sweep import analysis, labels, plots, report
+from segcore.sweep.rows import append_row, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = [f"{n}.png" for n in plots.PLOT_NAMES]
@@ -53,8 +54,8 @@ def fake_env(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
 def make_sweep(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
                speed: float = 1.0, bulk: bool = False) -> Path:
     """A realistic small sweep: 2 engine families x depth 3,4 x batch 4,8 x 1,2,4 workers,
-    one configuration with 3 repeats (noisy), accuracy for depth 4 only, and an oom, a
-    failed, a timeout and a skipped row. Rows are appended one by one as the sweep does,
+    two configurations with 3 repeats (one noisy, one quiet), accuracy for depth 4 only,
+    and an oom, a failed, a timeout and a skipped row. Rows are appended one by one as the sweep does,
     or with ``bulk`` written at once (faster)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -64,10 +65,13 @@ def make_sweep(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
         for depth, widths in ((3, "16-32-64"), (4, "16-32-64-128")):
             for batch in (4, 8):
                 for ws in (1, 2, 4):
-                    repeats = 3 if (engine, depth, batch) == ("ddp", 3, 8) else 1
+                    # Repeats: a noisy configuration (10 % apart) and a quiet one (1 %).
+                    noisy = (engine, depth, batch) == ("ddp", 3, 8)
+                    quiet = (engine, depth, batch) == ("deepspeed", 3, 8)
+                    repeats = 3 if noisy or quiet else 1
                     for r in range(repeats):
                         tp = speed * batch * 3 / depth * ws * (1 - 0.05 * (ws - 1)) \
-                            * (1 + 0.1 * r)
+                            * (1 + (0.1 if noisy else 0.01) * r)
                         acc = depth == 4
                         row = ok_row(
                             f"w{ws}-{engine}{stage}-d{depth}-b{batch}"
@@ -81,9 +85,8 @@ def make_sweep(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
                             train_time_s=600 / tp if acc else None,
                             mIoU=0.4 + 0.01 * batch + rng.uniform(0, 0.02) if acc else None,
                             mDice=0.5 + 0.01 * batch if acc else None,
-                            time_to_target_s=300 / tp if acc else None, target_miou=0.4)
-                        if repeats > 1:
-                            row.update(noisy=True, throughput_spread_pct=20.0)
+                            time_to_target_s=300 / tp if acc else None, target_miou=0.4,
+                            measured_steps=40, mode="both" if acc else "throughput")
                         add(row)
     fails = [("oom", "CUDA out of memory. Tried to allocate 2.00 GiB"),
              ("failed", "RuntimeError: gloo | connection reset by peer\nTraceback ..."),
@@ -113,7 +116,8 @@ def drawn(tmp_path_factory) -> tuple[Path, dict[str, plots.PlotResult]]:
     (as the sweep's end does: plot_all, then write_report with those figures)."""
     folder = make_sweep(tmp_path_factory.mktemp("sweep") / "cpu-test")
     res = plots.plot_all(read_rows(folder), folder / "plots",
-                         plots.describe_context(read_rows(folder), plots.read_env(folder)))
+                         labels.describe_context(read_rows(folder),
+                                                 analysis.read_env(folder)))
     report.write_report(folder, res)
     return folder, res
 
@@ -121,78 +125,6 @@ def drawn(tmp_path_factory) -> tuple[Path, dict[str, plots.PlotResult]]:
 @pytest.fixture
 def sweep(drawn) -> Path:
     return drawn[0]
-
-
-# --------------------------------------------------------------------------- speedup
-
-
-def test_compute_speedup_exact():
-    rows = [ok_row(f"w{w}", world_size=w, throughput_img_s=t)
-            for w, t in ((1, 10.0), (2, 19.0), (4, 36.0))]
-    rows += [ok_row("other-w2", world_size=2, batch_size=8, throughput_img_s=50.0),
-             ok_row("failed-w2", world_size=2, status="failed", throughput_img_s=None)]
-    df = pd.DataFrame(rows, index=[10, 11, 12, 13, 14])
-    out = plots.compute_speedup(df)
-    assert list(out.index) == [10, 11, 12, 13, 14]
-    assert list(out.columns) == list(df.columns) + ["speedup", "scaling_efficiency"]
-    assert out["speedup"].iloc[:3].tolist() == pytest.approx([1.0, 1.9, 3.6])
-    assert out["scaling_efficiency"].iloc[:3].tolist() == pytest.approx([1.0, 0.95, 0.9])
-    # Batch 8 has no 1-worker row; a failed row has no throughput.
-    assert math.isnan(out["speedup"].iloc[3]) and math.isnan(out["speedup"].iloc[4])
-    assert math.isnan(out["scaling_efficiency"].iloc[3])
-    assert "speedup" not in df  # the input is left alone
-
-
-def test_compute_speedup_median_of_repeated_baseline():
-    rows = [ok_row(f"w1-r{r}", repeat=r, throughput_img_s=t)
-            for r, t in enumerate((9.0, 10.0, 12.0))]
-    rows.append(ok_row("w2", world_size=2, throughput_img_s=19.0))
-    out = plots.compute_speedup(pd.DataFrame(rows))
-    assert out["speedup"].tolist() == pytest.approx([0.9, 1.0, 1.2, 1.9])
-    assert out["scaling_efficiency"].iloc[3] == pytest.approx(0.95)
-
-
-def test_compute_speedup_families_strong_scaling_and_nodes():
-    rows = [
-        # Strong scaling: the per-worker batch shrinks, the global batch names the family.
-        ok_row("s1", strong_scaling=True, batch_size=16, global_batch_size=16,
-               throughput_img_s=10.0),
-        ok_row("s4", strong_scaling=True, world_size=4, batch_size=4, global_batch_size=16,
-               throughput_img_s=30.0),
-        # Two nodes of 4 workers compare with the same configuration on one worker.
-        ok_row("n8", world_size=8, nnodes=2, throughput_img_s=60.0),
-        ok_row("n1", throughput_img_s=10.0),
-        # An axis only some tables have (the paper preset's lr) separates families.
-        ok_row("lr-a1", batch_size=2, lr=1e-3, throughput_img_s=4.0),
-        ok_row("lr-b1", batch_size=2, lr=1e-4, throughput_img_s=5.0),
-        ok_row("lr-a2", batch_size=2, world_size=2, lr=1e-3, throughput_img_s=8.0),
-    ]
-    out = plots.compute_speedup(pd.DataFrame(rows)).set_index("run_id")
-    assert out.loc["s4", "speedup"] == pytest.approx(3.0)
-    assert out.loc["s4", "scaling_efficiency"] == pytest.approx(0.75)
-    assert out.loc["n8", "speedup"] == pytest.approx(6.0)
-    assert out.loc["n8", "scaling_efficiency"] == pytest.approx(0.75)
-    assert out.loc["lr-a2", "speedup"] == pytest.approx(2.0)
-
-
-def test_compute_speedup_same_from_jsonl_and_csv(sweep):
-    a = plots.compute_speedup(read_rows(sweep))
-    b = plots.compute_speedup(pd.read_csv(sweep / "runs.csv"))
-    np.testing.assert_allclose(a["speedup"].to_numpy(float), b["speedup"].to_numpy(float))
-    assert a["speedup"].notna().sum() > 20
-
-
-def test_compute_speedup_empty_and_sparse():
-    assert list(plots.compute_speedup(pd.DataFrame()).columns) == ["speedup",
-                                                                    "scaling_efficiency"]
-    out = plots.compute_speedup(pd.DataFrame([{"run_id": "x", "status": "ok"}]))
-    assert math.isnan(out["speedup"].iloc[0])
-
-
-def test_pareto_front():
-    t = [10, 20, 30, 15, float("nan"), 20]
-    s = [0.5, 0.6, 0.55, 0.5, 0.9, 0.6]
-    assert plots.pareto_front(t, s).tolist() == [True, True, False, False, False, False]
 
 
 # --------------------------------------------------------------------------- figures
@@ -210,7 +142,7 @@ def test_plot_all_writes_every_figure_with_data(drawn):
 def test_describe_rows_names_only_what_varies(sweep):
     df = read_rows(sweep)
     ok = df[df["status"] == "ok"]
-    text = plots.describe_rows(ok)
+    text = labels.describe_rows(ok)
     assert "deepspeed ZeRO-2, bf16, batch 4, depth 3, 1 worker" in text
     assert not any("channels" in t or "six" in t or "Test CPU" in t for t in text)
 
@@ -257,8 +189,9 @@ def test_report_sections(sweep):
     assert text.startswith("# Benchmark report: cpu-test\n")
     assert "CPU timings show code paths and relative effects, not GPU performance" in text
     for header in ("## Hardware and software", "## Best configuration per objective",
-                   "## Results", "## Failed, out-of-memory and timed-out runs",
-                   "## Noisy measurements", "## Launch overhead", "## Plots"):
+                   "## Results", "## Accuracy", "## Low-confidence figures",
+                   "## Failed, out-of-memory and timed-out runs", "## Launch overhead",
+                   "## Plots"):
         assert header in text, header
     for objective in ("Highest throughput", "Best scaling efficiency at the largest worker "
                       "count (4)", "Lowest peak memory", "Best mIoU",
@@ -276,31 +209,37 @@ def test_report_sections(sweep):
 
 def test_report_best_values(sweep):
     text = (sweep / "report.md").read_text()
-    best = {b["objective"].split(" (")[0]: b for b in
-            report.best_configurations(read_rows(sweep))}
-    top = best["Highest throughput"]["row"]
-    # 4 workers, batch 8, depth 3: the fastest configuration of the table.
+    best = {b.objective.split(" (")[0]: b for b in
+            analysis.best_per_objective(read_rows(sweep))}
+    top = best["Highest throughput"].row
+    # 4 workers, batch 8, depth 3: the fastest configuration; the noisy DDP one is as
+    # fast but flagged, so the quiet DeepSpeed one (median of its repeats) wins.
     assert (top["world_size"], top["batch_size"], top["depth"]) == (4, 8, 3)
-    assert f"{top['throughput_img_s']:.1f} img/s" in text
-    eff = best["Best scaling efficiency at the largest worker count"]["row"]
-    assert eff["world_size"] == 4
-    assert best["Lowest peak memory"]["row"]["peak_mem_mb"] == 300 + 20 * 4 * 3
-    assert best["Best mIoU"]["row"]["depth"] == 4
+    assert top["engine"] == "deepspeed" and top["n_repeats"] == 3
+    assert best["Highest throughput"].excluded == 3
+    assert f"| {top['throughput_img_s']:.1f} img/s " in text
     assert "median of 3 repeats" in text
+    eff = best["Best scaling efficiency at the largest worker count"].row
+    assert eff["world_size"] == 4 and not eff["low_confidence"]
+    assert best["Lowest peak memory"].row["peak_mem_mb"] == 300 + 20 * 4 * 3
+    assert best["Best mIoU"].row["depth"] == 4
 
 
 def test_report_failed_rows_noise_and_launch(sweep):
     text = (sweep / "report.md").read_text()
-    failed = text.split("## Failed")[1].split("## Noisy")[0]
+    failed = text.split("## Failed")[1].split("## Launch")[0]
     assert "| bad-oom " in failed and "CUDA out of memory. Tried to allocate 2.00 GiB" in failed
     # The error's pipe is escaped and its lines joined, so the table stays one row each.
     assert "gloo \\| connection reset by peer ⏎ Traceback ..." in failed
     assert "| timeout " in failed and "no progress for 1800 s" in failed
     assert "bad-skipped" in failed and "world size 8 exceeds the 4 devices" in failed
-    noisy = text.split("## Noisy measurements")[1].split("## Launch")[0]
-    assert "⚠ 9 run(s) of 3 configuration(s) flagged" in noisy
-    assert "20.0 %" in noisy
-    assert "⚠ noisy (spread 20 %)" in text.split("## Results")[1]
+    flagged = text.split("## Low-confidence figures")[1].split("## Failed")[0]
+    assert "⚠ 9 of 36 ok run(s) flagged" in flagged
+    assert "- `wide-ci`: " in flagged and "- `few-steps`" not in flagged
+    assert flagged.count("| w4-ddp0-d3-b8-r") == 3
+    assert "18.2 %" in flagged  # (1.2 - 1.0) / 1.1 of the median
+    results = text.split("## Results")[1].split("## Accuracy")[0]
+    assert results.count("⚠ wide-ci") == 9
     df = read_rows(sweep)
     median = statistics.median(df["launch_overhead_s"].dropna())
     launch = text.split("## Launch overhead")[1].split("## Plots")[0]
@@ -310,12 +249,13 @@ def test_report_failed_rows_noise_and_launch(sweep):
 def test_report_gpu_folder_has_no_cpu_note(tmp_path):
     for w in (1, 2):
         append_row(tmp_path, ok_row(f"w{w}", world_size=w, device_type="cuda",
-                                    peak_mem_source="allocator"))
+                                    peak_mem_source="allocator", mode="throughput"))
     fake_env(tmp_path, cpu=False)
     text = report.write_report(tmp_path).read_text()
     assert "CPU timings" not in text
     assert "1 × NVIDIA H100 80GB HBM3 (80 GB)" in text
-    assert "Not measured: each configuration ran once" in text
+    assert "No confidence interval recorded and no repeats" in text
+    assert "## Accuracy\n" not in text  # throughput-only rows
 
 
 def test_report_without_env_json(tmp_path):
@@ -342,13 +282,13 @@ def test_markdown_table():
 def test_folder_labels(tmp_path):
     a = make_env_folder(tmp_path / "a", commit="aaaaaaa111")
     b = make_env_folder(tmp_path / "b", commit="bbbbbbb222")
-    assert plots.folder_labels([a, b]) == ["cpu-2c-intel-xeon-8481c @ aaaaaaa",
+    assert labels.folder_labels([a, b]) == ["cpu-2c-intel-xeon-8481c @ aaaaaaa",
                                            "cpu-2c-intel-xeon-8481c @ bbbbbbb"]
     c = make_env_folder(tmp_path / "c", commit="aaaaaaa111")
-    labels = plots.folder_labels([a, c])
-    assert len(set(labels)) == 2 and "(a)" in labels[0] and "(c)" in labels[1]
+    names = labels.folder_labels([a, c])
+    assert len(set(names)) == 2 and "(a)" in names[0] and "(c)" in names[1]
     d = make_env_folder(tmp_path / "d", cpu=False)
-    assert plots.folder_labels([a, d]) == ["cpu-2c-intel-xeon-8481c", "1xH100-80GB"]
+    assert labels.folder_labels([a, d]) == ["cpu-2c-intel-xeon-8481c", "1xH100-80GB"]
 
 
 def make_env_folder(folder: Path, cpu: bool = True, commit: str = "0123456789") -> Path:

@@ -1,40 +1,43 @@
 """``report.md`` of a results folder: environment, best configurations, tables, plots.
 
-The report is re-derived from ``runs.jsonl`` and ``env.json`` whenever it is written
-(speedup included, see :func:`segcore.plots.compute_speedup`), so it can be redrawn
-from any results folder with ``python launch/plot.py RESULTS_DIR``. Tables are written
-by a small formatter of our own: pandas' ``to_markdown`` needs ``tabulate``, which is
-not a dependency.
+The report only writes: every derived number (speedup, efficiency, the hardware
+ceiling, CIs, low-confidence flags, best configurations, caveats) comes from
+:mod:`segcore.sweep.analysis`, re-derived from ``runs.jsonl`` and ``env.json``
+whenever the report is written, so ``python launch/plot.py RESULTS_DIR`` redraws it
+from any results folder. Each caveat is printed beside the table it concerns. Tables
+are written by a small formatter of our own: pandas' ``to_markdown`` needs
+``tabulate``, which is not a dependency.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from segcore.sweep import plots
 from segcore.host import hardware_tag
-from segcore.sweep.rows import read_rows
+from segcore.fmt import fmt, missing
 from segcore.io import write_text_atomic
+from segcore.sweep import analysis, plots
+from segcore.sweep.analysis import norm, read_env, sort_key, truthy
+from segcore.sweep.labels import describe_context, describe_rows, folder_labels
+from segcore.sweep.rows import read_rows
 
-__all__ = ["NOISE_LIMIT_PCT", "markdown_table", "write_report", "write_compare",
-           "noisy_mask", "best_configurations"]
+__all__ = ["markdown_table", "write_report", "write_compare"]
 
-NOISE_LIMIT_PCT = 10.0  # throughput spread over repeats above which a result is noisy
 _FAILED = ("oom", "failed", "timeout")
 _DASH = "–"
 # Configuration columns the results table may show (those that vary, see
 # _config_columns); engine and ZeRO stage are shown as one column.
 _TABLE_CONFIG = ("engine", "loader", "precision", "channels_last", "compile", "batch_size",
                  "global_batch_size", "arch", "widths", "depth", "image_size",
-                 "class_scheme", "mode", "strong_scaling", *plots.OPTIONAL_FAMILY_COLUMNS,
+                 "class_scheme", "mode", "strong_scaling", *analysis.OPTIONAL_FAMILY_COLUMNS,
                  "world_size", "nnodes")
-_MEM_SOURCE_TEXT = {"allocator": "allocator peak", "host_peak_rss": "host peak RSS"}
+_MEM_SOURCE_TEXT = {"workload": "workload peak above the process baseline",
+                    "allocator": "allocator peak", "host_peak_rss": "host peak RSS"}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -74,21 +77,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return "\n".join([line(head), rule] + [line(r) for r in body]) + "\n"
 
 
-def _num(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    return f
-
-
-def _f(v: Any, fmt: str, suffix: str = "") -> str | None:
-    f = _num(v)
-    return None if not math.isfinite(f) else format(f, fmt) + suffix
+def _f(v: Any, spec: str, suffix: str = "", scale: float = 1.0) -> str | None:
+    # None lets markdown_table write its dash.
+    return None if missing(v) else fmt(float(v) * scale, spec, suffix)
 
 
 def _text(v: Any) -> str | None:
-    n = plots._norm(v)
+    n = norm(v)
     if n is None:
         return None
     if isinstance(n, bool):
@@ -102,122 +97,25 @@ def _first_line(text: Any, limit: int = 300) -> str:
     return s if len(s) <= limit else s[:limit - 1] + "…"
 
 
-# --------------------------------------------------------------------------- analysis
+def _ci(r: pd.Series) -> str | None:
+    lo, hi = _f(r.get("throughput_ci95_lo"), ".1f"), _f(r.get("throughput_ci95_hi"), ".1f")
+    return f"{lo}–{hi}" if lo and hi else None
 
 
-def noisy_mask(df: pd.DataFrame, limit_pct: float = NOISE_LIMIT_PCT) -> pd.Series:
-    """Rows whose measurement is noisy: ``noisy`` true, or ``throughput_spread_pct``
-    (spread of throughput over repeats, % of the median) above ``limit_pct``.
-
-    Args:
-        df: rows as in runs.csv.
-        limit_pct: the spread above which a row is noisy.
-
-    Returns:
-        a boolean Series aligned with ``df``.
-    """
-    flag = df["noisy"].map(plots._truthy) if "noisy" in df else pd.Series(False, df.index)
-    spread = pd.to_numeric(df["throughput_spread_pct"], errors="coerce") \
-        if "throughput_spread_pct" in df else pd.Series(np.nan, df.index)
-    return (flag.astype(bool) | (spread > limit_pct)).astype(bool)
+def _flags(r: pd.Series) -> str:
+    return f"⚠ {r['flags']}" if r.get("flags") else ""
 
 
-_MEDIAN_COLS = ("throughput_img_s", "step_ms_p50", "step_ms_p99", "data_wait_pct",
-                "speedup", "scaling_efficiency", "peak_mem_mb", "mIoU", "mDice",
-                "train_time_s", "time_to_target_s", "target_miou")
-
-
-def _configurations(ok: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration (family + worker count): the median of each metric
-    over its repeats, the first repeat's other values, and ``n_repeats``."""
-    if not len(ok):
-        return ok.assign(n_repeats=pd.Series(dtype=int))
-    cols = plots._family_columns(ok) + ["world_size"]
-    keys = plots.family_keys(ok, cols)
-    groups: dict[tuple, list[int]] = {}
-    for pos, k in enumerate(keys):
-        groups.setdefault(k, []).append(pos)
-    rows = []
-    for pos in groups.values():
-        g = ok.iloc[pos]
-        row = g.iloc[0].to_dict()
-        for c in _MEDIAN_COLS:
-            if c in g:
-                vals = pd.to_numeric(g[c], errors="coerce").dropna()
-                row[c] = float(vals.median()) if len(vals) else math.nan
-        row["n_repeats"] = len(pos)
-        rows.append(row)
-    return pd.DataFrame(rows)
+def _caveat_lines(texts: list[str]) -> list[str]:
+    return [f"> ⚠ {t}" for t in texts] + ([""] if texts else [])
 
 
 def _describe(rows: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
     """Descriptions of ``rows`` naming what varies across ``reference`` (the sweep),
     always with workers, batch and depth."""
     both = pd.concat([reference, rows], ignore_index=True)
-    text = plots.describe_rows(both, always=("world_size", "batch_size", "depth"))
+    text = describe_rows(both, always=("world_size", "batch_size", "depth"))
     return text[len(reference):]
-
-
-def _mem_source(row: pd.Series) -> str:
-    src = _text(row.get("peak_mem_source"))
-    return f" ({_MEM_SOURCE_TEXT.get(src, src)})" if src else ""
-
-
-def best_configurations(df: pd.DataFrame) -> list[dict[str, Any]]:
-    """The best configuration per objective, repeats reduced to their median.
-
-    Args:
-        df: rows as in runs.csv, speedup filled (:func:`segcore.plots.compute_speedup`).
-
-    Returns:
-        one dict per objective, in report order: ``objective``, ``value`` (text),
-        ``row`` (the configuration's row, or None when no row has the metric) and
-        ``note`` (why not, when None).
-    """
-    d = plots._clean(df)
-    d["speedup"], d["scaling_efficiency"] = plots._speedup_columns(d)
-    conf = _configurations(d[d["_ok"]])
-    out: list[dict[str, Any]] = []
-
-    def pick(objective: str, col: str, highest: bool, value: Callable[[pd.Series], str],
-             missing: str, subset: pd.DataFrame | None = None) -> None:
-        pool = conf if subset is None else subset
-        vals = pd.to_numeric(pool[col], errors="coerce") if len(pool) and col in pool \
-            else pd.Series(dtype=float)
-        if not vals.notna().any():
-            out.append({"objective": objective, "value": None, "row": None,
-                        "note": missing})
-            return
-        i = vals.idxmax() if highest else vals.idxmin()
-        row = pool.loc[i]
-        out.append({"objective": objective, "value": value(row), "row": row, "note": None})
-
-    pick("Highest throughput", "throughput_img_s", True,
-         lambda r: f"{r['throughput_img_s']:.1f} img/s", "no ok run measured throughput")
-    eff = conf[pd.to_numeric(conf["scaling_efficiency"], errors="coerce").notna()] \
-        if len(conf) else conf
-    top = eff["world_size"].max() if len(eff) else math.nan
-    pick("Best scaling efficiency at the largest worker count"
-         + (f" ({top:g})" if math.isfinite(_num(top)) else ""),
-         "scaling_efficiency", True,
-         lambda r: f"{100 * r['scaling_efficiency']:.0f} % (speedup {r['speedup']:.2f}× on "
-                   f"{r['world_size']:g} workers)",
-         "no configuration has both a 1-worker run and a multi-worker run",
-         subset=eff[eff["world_size"] == top] if len(eff) else eff)
-    pick("Lowest peak memory", "peak_mem_mb", False,
-         lambda r: f"{r['peak_mem_mb']:.0f} MB per worker" + _mem_source(r),
-         "no ok run recorded peak memory")
-    pick("Best mIoU", "mIoU", True,
-         lambda r: f"mIoU {r['mIoU']:.3f}"
-                   + (f" (mDice {r['mDice']:.3f})" if math.isfinite(_num(r.get("mDice")))
-                      else ""),
-         "no ok run measured accuracy (throughput-only sweep?)")
-    pick("Fastest time to target mIoU", "time_to_target_s", False,
-         lambda r: f"{r['time_to_target_s']:.0f} s"
-                   + (f" to mIoU ≥ {r['target_miou']:g}"
-                      if math.isfinite(_num(r.get("target_miou"))) else ""),
-         "no run reached its target mIoU")
-    return out
 
 
 # --------------------------------------------------------------------------- sections
@@ -235,9 +133,8 @@ def _env_section(env: dict[str, Any]) -> list[str]:
     if devices:
         names: dict[str, int] = {}
         for dev in devices:
-            mem = _num(dev.get("memory_mb"))
-            name = f"{dev.get('name') or 'GPU'}" + (f" ({mem / 1024:.0f} GB)"
-                                                     if math.isfinite(mem) else "")
+            mem = _f(dev.get("memory_mb"), ".0f", " GB", scale=1 / 1024)
+            name = f"{dev.get('name') or 'GPU'}" + (f" ({mem})" if mem else "")
             names[name] = names.get(name, 0) + 1
         dev_text = ", ".join(f"{n} × {name}" for name, n in names.items())
     else:
@@ -246,9 +143,9 @@ def _env_section(env: dict[str, Any]) -> list[str]:
     usable = env.get("cpu_affinity_count")
     cpu = f"{env.get('cpu_model') or 'unknown'}, {cores or '?'} cores" + (
         f" ({usable} usable)" if usable and usable != cores else "")
-    mem = _num(env.get("mem_total_mb"))
-    if math.isfinite(mem):
-        cpu += f", {mem / 1024:.0f} GB RAM"
+    ram = _f(env.get("mem_total_mb"), ".0f", " GB RAM", scale=1 / 1024)
+    if ram:
+        cpu += f", {ram}"
     commit = env.get("git_commit")
     commit_text = (commit[:12] if commit else None)
     if commit_text and env.get("git_dirty"):
@@ -275,43 +172,64 @@ def _env_section(env: dict[str, Any]) -> list[str]:
     return out
 
 
-def _best_section(df: pd.DataFrame) -> list[str]:
-    best = best_configurations(df)
-    d = plots._clean(df)
-    ok = d[d["_ok"]]
+def _best_value(b: analysis.Best) -> str:
+    r = b.row
+    if b.column == "throughput_img_s":
+        ci = _ci(r)
+        return f"{fmt(r['throughput_img_s'], '.1f')} img/s" + (
+            f" (95 % CI {ci})" if ci else "")
+    if b.column == "scaling_efficiency":
+        return (f"{_f(r['scaling_efficiency'], '.0f', ' %', scale=100)} (speedup "
+                f"{fmt(r['speedup'], '.2f')}× on {fmt(r['world_size'], 'g')} workers)")
+    if b.column == "memory_mb":
+        src = _text(r.get("memory_source"))
+        return f"{fmt(r['memory_mb'], '.0f')} MB per worker" + (
+            f" ({_MEM_SOURCE_TEXT.get(src, src)})" if src else "")
+    if b.column == "mIoU":
+        return f"mIoU {fmt(r['mIoU'], '.3f')}" + (
+            f" (mDice {fmt(r['mDice'], '.3f')})" if not missing(r.get("mDice")) else "")
+    return f"{fmt(r[b.column], '.3g')} s" + (
+        f" to mIoU ≥ {fmt(r['target_miou'], 'g')}" if not missing(r.get("target_miou"))
+        else "")
+
+
+def _best_section(d: pd.DataFrame) -> list[str]:
+    ok = d[d["ok"]]
     rows = []
-    for b in best:
-        if b["row"] is None:
-            rows.append((b["objective"], f"n/a: {b['note']}", None, None))
+    excluded = 0
+    for b in analysis.best_per_objective(d):
+        excluded = max(excluded, b.excluded)
+        if b.row is None:
+            rows.append((b.objective, f"n/a: {b.note}", None, None))
             continue
-        r = b["row"]
-        desc = _describe(pd.DataFrame([r]), ok)[0]
+        r = b.row
         run = _text(r.get("run_id"))
         if r.get("n_repeats", 1) > 1:
             run = f"{run} (median of {r['n_repeats']} repeats)"
-        rows.append((b["objective"], b["value"], desc, run))
-    return ["## Best configuration per objective", "",
-            "Repeats of a configuration count as their median.", "",
+        rows.append((b.objective, _best_value(b), _describe(pd.DataFrame([r]), ok)[0], run))
+    text = "Repeats of a configuration count as their median."
+    if excluded:
+        text += (" Low-confidence configurations are never picked (see Low-confidence "
+                 "figures and the caveats beside the tables below).")
+    return ["## Best configuration per objective", "", text, "",
             markdown_table(["objective", "best", "configuration", "run"], rows)]
 
 
 def _config_columns(d: pd.DataFrame) -> list[str]:
     """The configuration columns worth a table column: those that vary."""
     cols = []
+    strong = any(truthy(v) for v in d["strong_scaling"])
     for c in _TABLE_CONFIG:
-        if c not in d:
-            continue
-        strong = any(plots._truthy(v) for v in d["strong_scaling"])
-        if c == "global_batch_size" and not strong:
-            continue  # follows from workers x batch under weak scaling
-        values = {plots._norm(v) for v in d[c]} - {None}
+        if c not in d or (c == "global_batch_size" and not strong):
+            continue  # the global batch follows from workers x batch under weak scaling
+        values = {norm(v) for v in d[c]} - {None}
         if c == "engine" and "zero_stage" in d:
-            values = {(plots._norm(e), plots._norm(z))
+            values = {(norm(e), norm(z))
                       for e, z in zip(d["engine"], d["zero_stage"])} - {(None, None)}
         if len(values) > 1:
             cols.append(c)
     if "widths" in cols and "depth" in cols:
-        pairs = {(plots._norm(a), plots._norm(b)) for a, b in zip(d["widths"], d["depth"])}
+        pairs = {(norm(a), norm(b)) for a, b in zip(d["widths"], d["depth"])}
         pairs = {p for p in pairs if None not in p}  # failed rows may lack either
         if len(pairs) == len({p[1] for p in pairs}):
             cols.remove("widths")  # widths follow from depth in this sweep
@@ -320,7 +238,7 @@ def _config_columns(d: pd.DataFrame) -> list[str]:
 
 def _config_cell(c: str, row: pd.Series) -> str | None:
     if c == "engine":
-        e, z = plots._norm(row.get("engine")), plots._norm(row.get("zero_stage"))
+        e, z = norm(row.get("engine")), norm(row.get("zero_stage"))
         if e is None:
             return None
         return f"deepspeed ZeRO-{z}" if e == "deepspeed" and z is not None else str(e)
@@ -330,48 +248,133 @@ def _config_cell(c: str, row: pd.Series) -> str | None:
 def _sorted_rows(d: pd.DataFrame) -> pd.DataFrame:
     if not len(d):
         return d
-    cols = plots._family_columns(d) + ["world_size", "repeat"]
-    keys = plots.family_keys(d, cols)
-    order = sorted(range(len(d)), key=lambda i: plots._sort_key(keys[i]))
+    keys = analysis.family_keys(d, [*analysis.family_columns(d), "world_size", "repeat"])
+    order = sorted(range(len(d)), key=lambda i: sort_key(keys[i]))
     return d.iloc[order]
 
 
-def _results_section(d: pd.DataFrame, noisy: pd.Series) -> list[str]:
-    cfg = _config_columns(d)
-    has_repeats = d["repeat"].notna().any() and d["repeat"].nunique() > 1
-    has_launch = bool(np.isfinite(d["launch_overhead_s"]).any())
-    headers = [*cfg, *(["repeat"] if has_repeats else []), "status", "img/s", "p50 ms",
-               "p99 ms", "data wait %", "speedup", "efficiency", "peak MB", "mIoU",
-               *(["launch s"] if has_launch else []), "flags", "run"]
-    align = ["l"] * len(cfg) + (["r"] if has_repeats else []) + \
-        ["l", "r", "r", "r", "r", "r", "r", "r", "r"] + (["r"] if has_launch else []) + \
-        ["l", "l"]
-    rows = []
-    for i, r in _sorted_rows(d).iterrows():
-        flags = []
-        if noisy.loc[i]:
-            spread = _f(r.get("throughput_spread_pct"), ".0f", " %")
-            flags.append("⚠ noisy" + (f" (spread {spread})" if spread else ""))
-        rows.append([*(_config_cell(c, r) for c in cfg),
-                     *([_f(r["repeat"], "g")] if has_repeats else []),
-                     _text(r.get("status")), _f(r["throughput_img_s"], ".1f"),
-                     _f(r["step_ms_p50"], ".1f"), _f(r["step_ms_p99"], ".1f"),
-                     _f(r["data_wait_pct"], ".1f"), _f(r["speedup"], ".2f", "×"),
-                     _f(_num(r["scaling_efficiency"]) * 100, ".0f", " %"),
-                     _f(r["peak_mem_mb"], ".0f"), _f(r["mIoU"], ".3f"),
-                     *([_f(r["launch_overhead_s"], ".1f")] if has_launch else []),
-                     ", ".join(flags) or "", _text(r.get("run_id"))])
+class _Table:
+    """Columns shown only when some row has them: (header, align, cell function)."""
+
+    def __init__(self) -> None:
+        self.cols: list[tuple[str, str, Any]] = []
+
+    def add(self, header: str, cell, align: str = "r", when: bool = True) -> None:
+        if when:
+            self.cols.append((header, align, cell))
+
+    def render(self, rows: pd.DataFrame) -> str:
+        return markdown_table([h for h, _, _ in self.cols],
+                              [[cell(r) for _, _, cell in self.cols]
+                               for _, r in rows.iterrows()],
+                              [a for _, a, _ in self.cols])
+
+
+def _config_table(d: pd.DataFrame) -> _Table:
+    t = _Table()
+    for c in _config_columns(d):
+        t.add(c, lambda r, c=c: _config_cell(c, r), "l")
+    t.add("repeat", lambda r: _f(r["repeat"], "g"),
+          when=bool(d["repeat"].notna().any() and d["repeat"].nunique() > 1))
+    return t
+
+
+def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
+    t = _config_table(d)
+    t.add("status", lambda r: _text(r.get("status")), "l")
+    t.add("img/s", lambda r: _f(r["throughput_img_s"], ".1f"))
+    t.add("95 % CI", _ci, when=bool(d["throughput_ci95_lo"].notna().any()))
+    t.add("p50 ms", lambda r: _f(r["step_ms_p50"], ".1f"))
+    t.add("p99 ms", lambda r: _f(r["step_ms_p99"], ".1f"))
+    t.add("data wait %", lambda r: _f(r["data_wait_pct"], ".1f"))
+    t.add("speedup", lambda r: _f(r["speedup"], ".2f", "×"))
+    t.add("hw ceiling", lambda r: _f(r["hw_ceiling_speedup"], "g", "×"),
+          when=bool(d["hw_ceiling_speedup"].notna().any()))
+    t.add("efficiency", lambda r: _f(r["scaling_efficiency"], ".0f", " %", scale=100))
+    t.add("memory MB", lambda r: _f(r["memory_mb"], ".0f"))
+    t.add("launch s", lambda r: _f(r["launch_overhead_s"], ".1f"),
+          when=bool(np.isfinite(d["launch_overhead_s"]).any()))
+    t.add("flags", _flags, "l")
+    t.add("run", lambda r: _text(r.get("run_id")), "l")
+    mem = sorted({_MEM_SOURCE_TEXT.get(s, s) for s in d["memory_source"].dropna()})
+    notes = list(dict.fromkeys(analysis.caveats(d, env, "speed")
+                               + analysis.caveats(d, env, "memory")))
     return ["## Results", "",
-            "One row per run. img/s: images per second over all workers; p50/p99: step "
-            "time; data wait: share of step time spent waiting for input; speedup: "
-            "throughput over the 1-worker run of the same configuration (median of its "
-            "repeats); efficiency: speedup / workers; peak MB: peak memory per worker "
-            "(max over ranks); launch s: launch to first step (see Launch overhead).", "",
-            markdown_table(headers, rows, align)]
+            "One row per run. img/s: images per second over all workers, with its 95 % "
+            "confidence interval where recorded; p50/p99: step time; data wait: share of "
+            "step time spent waiting for input; speedup: throughput over the 1-worker run "
+            "of the same configuration (median of its repeats); hw ceiling: the most "
+            "speedup the hardware allows; efficiency: speedup / workers; memory MB: peak "
+            "per worker, max over ranks (" + (", ".join(mem) or "not recorded") + "); "
+            "launch s: launch to first step (see Launch overhead); flags: see "
+            "Low-confidence figures.", "",
+            *_caveat_lines(notes), t.render(_sorted_rows(d))]
+
+
+def _accuracy_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
+    acc = d[d["ok"] & (d["mIoU"].notna() | d["flags"].str.contains("not-converged"))]
+    if not len(acc):
+        return []
+    budget, source = analysis.sample_budget(acc)
+    target = sorted({norm(v) for v in acc["target_miou"]} - {None})
+    t = _config_table(acc)
+    t.add("samples", lambda r: _f(budget[r.name], ".0f"))
+    t.add("steps", lambda r: _f(r["steps"], ".0f"))
+    t.add("lr", lambda r: _f(r["lr"], "g"))
+    t.add("mIoU", lambda r: _f(r["mIoU"], ".3f"))
+    t.add("mDice", lambda r: _f(r["mDice"], ".3f"))
+    t.add("val loss", lambda r: _f(r["val_loss"], ".3f"))
+    t.add("train s", lambda r: _f(r["train_time_s"], ".1f"))
+    t.add("time to target s", lambda r: _f(r["time_to_target_s"], ".1f"))
+    t.add("quality speedup", lambda r: _f(r["time_to_target_speedup"], ".2f", "×"),
+          when=bool(acc["time_to_target_s"].notna().any()))
+    t.add("flags", _flags, "l")
+    t.add("run", lambda r: _text(r.get("run_id")), "l")
+    return ["## Accuracy", "",
+            "Validation accuracy of each run that trained for it. samples: training "
+            f"samples ({source}); time to target: training time until validation mIoU "
+            "first reached " + (f"the target ({', '.join(map(str, target))})" if target
+                                else "the target") + "; quality speedup: the 1-worker "
+            "run's time to target over this run's (MLPerf's quality-aware speedup: time "
+            "to the same accuracy, not to the same step count).", "",
+            f"**{analysis.accuracy_budget(acc)}**", "",
+            *_caveat_lines(analysis.caveats(acc, env, "accuracy")),
+            t.render(_sorted_rows(acc))]
+
+
+def _confidence_section(d: pd.DataFrame) -> list[str]:
+    out = ["## Low-confidence figures", ""]
+    ok = d[d["ok"]]
+    flagged = ok[ok["low_confidence"]]
+    if not len(ok):
+        return out + ["No ok runs.", ""]
+    if not len(flagged):
+        return out + [f"None: every ok run has at least {analysis.MIN_MEASURED_STEPS} "
+                      f"measured steps, a 95 % CI and repeat spread within "
+                      f"±{analysis.CI_LIMIT_PCT:g} % where recorded, no oversubscription, "
+                      "native precision, and converged where it trained for accuracy.", ""]
+    found = {f.strip() for text in flagged["flags"] for f in text.split(",")}
+    out += [f"⚠ {len(flagged)} of {len(ok)} ok run(s) flagged. They are drawn hollow and "
+            "never picked as best or placed on the Pareto front.", ""]
+    out += [f"- `{k}`: {v}" for k, v in analysis.FLAGS.items() if k in found]
+    out += [""]
+    rows = _sorted_rows(flagged)
+    desc = dict(zip(rows.index, _describe(rows, ok)))
+    t = _Table()
+    t.add("run", lambda r: _text(r.get("run_id")), "l")
+    t.add("configuration", lambda r: desc[r.name], "l")
+    t.add("flags", lambda r: r["flags"], "l")
+    t.add("measured steps", lambda r: _f(r["measured_steps"], ".0f"))
+    t.add("CI ± %", lambda r: _f(r["throughput_ci95_pct"], ".1f", " %"),
+          when=bool(rows["throughput_ci95_pct"].notna().any()))
+    t.add("repeat spread", lambda r: _f(r["throughput_spread_pct"], ".1f", " %"),
+          when=bool(rows["throughput_spread_pct"].notna().any()))
+    t.add("mIoU", lambda r: _f(r["mIoU"], ".3f"), when=bool(rows["mIoU"].notna().any()))
+    return out + [t.render(rows)]
 
 
 def _failed_section(d: pd.DataFrame, folder: Path) -> list[str]:
-    status = d["status"].map(plots._norm)
+    status = d["status"].map(norm)
     bad = d[status.isin(_FAILED)]
     skipped = d[status == "skipped"]
     other = d[~status.isin((*_FAILED, "skipped", "ok"))]
@@ -394,32 +397,6 @@ def _failed_section(d: pd.DataFrame, folder: Path) -> list[str]:
         out += [f"- `{_text(r.get('run_id'))}`: {_first_line(r.get('error')) or 'skipped'}"
                 for _, r in skipped.iterrows()]
         out += [""]
-    return out
-
-
-def _noise_section(d: pd.DataFrame, noisy: pd.Series) -> list[str]:
-    out = ["## Noisy measurements", ""]
-    flagged = d[noisy & d["_ok"]]
-    spread = pd.to_numeric(d["throughput_spread_pct"], errors="coerce")
-    if len(flagged):
-        conf = _configurations(flagged)  # one line per configuration, not per repeat
-        out += [f"⚠ {len(flagged)} run(s) of {len(conf)} configuration(s) flagged: "
-                f"throughput varied by more than {NOISE_LIMIT_PCT:g} % of the median "
-                "between repeats of the same configuration (or the sweep flagged them). "
-                "Treat their differences from other runs with caution; re-run them on "
-                "an idle machine.", ""]
-        desc = _describe(conf, d)
-        rows = [[text, f"{r['n_repeats']}", _f(r["throughput_img_s"], ".1f"),
-                 _f(r.get("throughput_spread_pct"), ".1f", " %"), _text(r.get("run_id"))]
-                for (_, r), text in zip(conf.iterrows(), desc)]
-        out += [markdown_table(["configuration", "runs", "median img/s", "spread",
-                                "first run"], rows, ["l", "r", "r", "r", "l"])]
-    elif spread.notna().any():
-        out += [f"None: the throughput spread over repeats stayed within "
-                f"{NOISE_LIMIT_PCT:g} % (largest {spread.max():.1f} %).", ""]
-    else:
-        out += ["Not measured: each configuration ran once. Run the sweep with repeats "
-                "to measure the spread.", ""]
     return out
 
 
@@ -470,7 +447,7 @@ def _plots_section(results: dict[str, plots.PlotResult], base: Path) -> list[str
 def _status_summary(d: pd.DataFrame) -> str:
     counts: dict[str, int] = {}
     for s in d["status"]:
-        s = plots._norm(s) or "unknown"
+        s = norm(s) or "unknown"
         counts[s] = counts.get(s, 0) + 1
     order = ["ok", *_FAILED, "skipped"]
     parts = [f"{counts.pop(s)} {s}" for s in order if s in counts]
@@ -498,20 +475,18 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
     folder = Path(folder)
     out = Path(out) if out is not None else folder
     df = read_rows(folder)
-    env = plots.read_env(folder)
+    env = read_env(folder)
+    d = analysis.frame(df)
     if plot_results is None:
-        plot_results = plots.plot_all(df, out / "plots", plots.describe_context(df, env))
-    d = plots._clean(df)
-    d["speedup"], d["scaling_efficiency"] = plots._speedup_columns(d)
-    noisy = noisy_mask(d)
-    ids = sorted({str(v) for v in (plots._norm(x) for x in d["sweep_id"]) if v is not None})
+        plot_results = plots.plot_all(d, out / "plots", describe_context(df, env))
+    ids = sorted({str(v) for v in (norm(x) for x in d["sweep_id"]) if v is not None})
     sweep = ", ".join(ids) or env.get("sweep_id") or folder.resolve().name
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     lines = [f"# Benchmark report: {sweep}", "",
              f"{_status_summary(d)}. Results folder `{folder.resolve().name}`; report "
              f"written {now} from runs.jsonl (redraw: `python launch/plot.py "
              f"{folder.as_posix()}`).", ""]
-    if plots._is_cpu(env, d):
+    if analysis.is_cpu(d, env):
         lines += ["> **⚠ CPU run: CPU timings show code paths and relative effects, not "
                   "GPU performance.** Each worker is a CPU process (gloo backend) sharing "
                   "the host's cores; throughput, speedup and memory here say which code "
@@ -521,10 +496,11 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
     if not len(d):
         lines += ["## Results", "", "No runs recorded in runs.jsonl.", ""]
     else:
-        lines += _best_section(df)
-        lines += _results_section(d, noisy)
+        lines += _best_section(d)
+        lines += _results_section(d, env)
+        lines += _accuracy_section(d, env)
+        lines += _confidence_section(d)
         lines += _failed_section(d, folder)
-        lines += _noise_section(d, noisy)
         lines += _launch_section(d)
     lines += _plots_section(plot_results, out)
     path = out / "report.md"
@@ -544,22 +520,22 @@ def write_compare(folders: Sequence[str | Path], out: str | Path) -> Path:
     """
     folders = [Path(f) for f in folders]
     out = Path(out)
-    labels = plots.folder_labels(folders)
+    labels = folder_labels(folders)
     results = plots.plot_compare(folders, out, labels)
     rows = []
     for lab, f in zip(labels, folders):
-        env = plots.read_env(f)
-        d = plots._clean(read_rows(f))
-        best = pd.to_numeric(d.loc[d["_ok"], "throughput_img_s"], errors="coerce").max() \
-            if len(d) else math.nan
+        env = read_env(f)
+        d = analysis.frame(read_rows(f))
+        # The best figure we can stand behind, as in each folder's report.
+        best = analysis.best_per_objective(d)[0].row
         rows.append([lab, f.as_posix(), hardware_tag(env) if env else None,
                      (env.get("git_commit") or "")[:12] or None,
                      _status_summary(d) if len(d) else "no runs",
-                     _f(best, ".1f")])
+                     None if best is None else _f(best["throughput_img_s"], ".1f")])
     lines = [f"# Comparison of {len(folders)} results folders", "",
              markdown_table(["label", "folder", "hardware", "git commit", "runs",
                              "best img/s"], rows, ["l", "l", "l", "l", "l", "r"])]
-    if any(plots._is_cpu(plots.read_env(f), None) for f in folders):
+    if any(analysis.is_cpu(None, read_env(f)) for f in folders):
         lines += ["> **⚠ At least one folder is a CPU run: CPU timings show code paths "
                   "and relative effects, not GPU performance.**", ""]
     lines += _plots_section(results, out)

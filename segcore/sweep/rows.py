@@ -45,11 +45,14 @@ ACCURACY_COLUMNS = (
     "epochs", "train_time_s", "time_to_target_s", "val_loss", "aAcc", "mIoU", "mDice",
     "mAcc",
 )
-# Beyond the design's list: repeat index and spread, finer timing, provenance.
+# Beyond the design's list: repeat index and spread, finer timing, provenance, and the
+# judgements of segcore.sweep.analysis.annotate (low_confidence + flags replace the
+# former "noisy").
 EXTRA_COLUMNS = (
     "repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p50",
-    "launch_overhead_s", "peak_mem_source", "noisy", "throughput_spread_pct",
-    "started_at", "finished_at", "wall_s",
+    "launch_overhead_s", "peak_mem_source", "throughput_spread_pct",
+    "started_at", "finished_at", "wall_s", "hw_ceiling_speedup", "time_to_target_speedup",
+    "low_confidence", "flags",
 )
 RESULT_COLUMNS: list[str] = [
     *IDENTITY_COLUMNS, *CONFIG_COLUMNS, *SPEED_COLUMNS, *MEMORY_COLUMNS,

@@ -1,0 +1,728 @@
+"""Analysis of a results table: derived columns and judgements, computed once.
+
+Every reader of a results folder (the sweep's last step, the figures, ``report.md``,
+``launch/plot.py``) reads the numbers defined here and nowhere else:
+
+- :func:`frame` turns rows as in ``runs.csv`` into the *analysed frame*: clean types,
+  family keys, speedup, efficiency, the hardware ceiling, confidence intervals, the
+  spread over repeats, quality-aware speedup, the memory figure to show, the
+  low-confidence flags and the Pareto front (columns in :data:`DERIVED_COLUMNS`).
+- :func:`annotate` does the same for the sweep driver and returns rows with the
+  persistent columns (:data:`ANNOTATION_COLUMNS`) filled, to be written back.
+- :func:`configurations`, :func:`best_per_objective`, :func:`pareto_front` and
+  :func:`caveats` are the judgements the report prints.
+
+Definitions
+-----------
+*Family*: the configuration without its scale (worker count, node count) and repeat
+index (:data:`FAMILY_COLUMNS`, plus those of :data:`OPTIONAL_FAMILY_COLUMNS` the table
+has). Under strong scaling the per-worker batch shrinks with the worker count, so the
+global batch identifies the family; under an lr scaling rule the lr grows with the
+worker count, so the base lr does.
+
+``speedup`` = throughput / throughput of the family's 1-worker ok run (the median of its
+repeats). ``scaling_efficiency`` = speedup / world_size. ``hw_ceiling_speedup`` =
+min(world_size, ``hw_parallel_limit``): the most speedup the hardware allows (2 on a
+2-core host whatever the worker count); NaN where the row does not record the limit.
+``time_to_target_speedup`` = the family's 1-worker ``time_to_target_s`` / this row's:
+MLPerf's quality-aware speedup (time to the same accuracy, not to the same step count).
+
+A figure we cannot stand behind is ``low_confidence``; ``flags`` names every reason that
+applies (:data:`FLAGS`, in that order, comma-separated). Only ok rows are flagged:
+
+- ``few-steps``: ``measured_steps`` < :data:`MIN_MEASURED_STEPS`.
+- ``wide-ci``: the 95 % CI half-width of the throughput is more than
+  :data:`CI_LIMIT_PCT` % of it (``throughput_ci95_pct``, or derived from
+  ``throughput_ci95_lo/hi``), or the repeats of the configuration spread by more than
+  :data:`CI_LIMIT_PCT` % of their median ((max - min) / median).
+- ``oversubscribed``: the row says so (more workers x threads than cores, more workers
+  than GPUs).
+- ``emulated-precision``: the row's precision is emulated by the hardware.
+- ``not-converged``: a run that trained for accuracy (``mode`` accuracy or both; rows
+  without a mode: those that recorded ``mIoU`` or ``val_loss``) has no finite mIoU, or
+  its training loss did not fall (``train_loss_last`` >= ``train_loss_first``), or its
+  mIoU is at most 1 / ``num_classes``: the best mIoU a constant prediction (every pixel
+  the majority class, IoU = that class's pixel share, 0 elsewhere) can reach.
+
+A CPU host is a condition of the whole folder, not a flag: :func:`caveats` says it.
+Flagged rows are never picked as best (:func:`best_per_objective`) and never on the
+Pareto front.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "MIN_MEASURED_STEPS", "CI_LIMIT_PCT", "FLAGS", "FAMILY_COLUMNS",
+    "OPTIONAL_FAMILY_COLUMNS", "NUMERIC_COLUMNS", "ANNOTATION_COLUMNS", "DERIVED_COLUMNS",
+    "Best", "analysed", "norm", "truthy", "sort_key", "family_columns", "family_keys", "frame",
+    "annotate", "configurations", "best_per_objective", "pareto_front", "caveats",
+    "is_cpu", "read_env", "sample_budget", "accuracy_budget",
+]
+
+MIN_MEASURED_STEPS = 30
+CI_LIMIT_PCT = 10.0
+FLAGS = {
+    "few-steps": f"fewer than {MIN_MEASURED_STEPS} measured steps",
+    "wide-ci": f"95 % CI (or spread of repeats) wider than ±{CI_LIMIT_PCT:g} % of the "
+               "throughput",
+    "oversubscribed": "more workers than the hardware runs in parallel",
+    "emulated-precision": "the precision is emulated by this hardware",
+    "not-converged": "training did not converge (no mIoU, loss did not fall, or mIoU "
+                     "no better than a constant prediction)",
+}
+
+# A family is everything that defines a configuration except its scale: world_size and
+# nnodes are the scaling axis (a 2-node 8-worker run is compared with the 1-worker run of
+# the same configuration), global_batch_size follows from them.
+FAMILY_COLUMNS = (
+    "engine", "zero_stage", "loader", "precision", "channels_last", "compile", "batch_size",
+    "arch", "depth", "widths", "image_size", "class_scheme", "num_classes", "device_type",
+    "device_name", "mode", "strong_scaling",
+)
+# Axes a sweep may vary that not every row records (the paper preset varies lr and
+# augmentation); used when the table has them, otherwise two such configurations would
+# be merged into one family.
+OPTIONAL_FAMILY_COLUMNS = ("lr_scaling", "lr", "augment", "optimizer", "loss",
+                           "class_weights", "grad_accum", "norm")
+
+NUMERIC_COLUMNS = (
+    "world_size", "nnodes", "zero_stage", "batch_size", "global_batch_size", "depth",
+    "image_size", "num_classes", "params", "warmup_steps", "measured_steps",
+    "throughput_img_s", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_pct",
+    "tflops", "mfu", "peak_mem_mb", "device_mem_mb", "host_rss_mb", "gpu_util_pct",
+    "power_w", "epochs", "steps", "train_time_s", "time_to_target_s", "target_miou",
+    "val_loss", "aAcc", "mIoU", "mDice", "mAcc", "mAP", "mAUC", "repeat",
+    "launch_overhead_s", "lr", "base_lr", "samples_seen", "train_loss_first",
+    "train_loss_last", "mem_workload_mb", "mem_baseline_mb", "throughput_ci95_lo",
+    "throughput_ci95_hi", "throughput_ci95_pct", "hw_parallel_limit",
+)
+_BOOL_COLUMNS = ("channels_last", "compile", "strong_scaling", "augment", "oversubscribed",
+                 "precision_emulated")
+_TEXT_COLUMNS = ("sweep_id", "run_id", "status", "error", "engine", "loader", "precision",
+                 "arch", "widths", "class_scheme", "device_type", "device_name", "mode",
+                 "peak_mem_source", "lr_scaling")
+
+# Written back into runs.jsonl by annotate(); the rest of DERIVED_COLUMNS is for readers.
+ANNOTATION_COLUMNS = ("speedup", "scaling_efficiency", "hw_ceiling_speedup",
+                      "throughput_spread_pct", "time_to_target_speedup", "low_confidence",
+                      "flags")
+DERIVED_COLUMNS = (
+    "ok", "family", "config", *ANNOTATION_COLUMNS, "speedup_ci95_lo", "speedup_ci95_hi",
+    "scaling_efficiency_ci95_lo", "scaling_efficiency_ci95_hi", "baseline_low_confidence",
+    "memory_mb", "memory_source", "pareto",
+)
+# Repeats of one configuration are reduced to the median of these (configurations()).
+_MEDIAN_COLUMNS = (
+    "throughput_img_s", "throughput_ci95_lo", "throughput_ci95_hi", "throughput_ci95_pct",
+    "step_ms_p50", "step_ms_p99", "data_wait_pct", "speedup", "scaling_efficiency",
+    "speedup_ci95_lo", "speedup_ci95_hi", "peak_mem_mb", "memory_mb", "mIoU", "mDice",
+    "val_loss", "train_time_s", "time_to_target_s", "time_to_target_speedup", "target_miou",
+    "samples_seen", "steps", "launch_overhead_s",
+)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def norm(v: Any) -> Any:
+    """A hashable, comparable form of one cell: NaN/None/"" -> None, 8.0 -> 8, a list of
+    widths -> ``"16-32-64"``, ``"True"`` -> True, numpy scalars -> Python."""
+    if v is None or v is pd.NA or v is pd.NaT:
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return None
+        return int(f) if f.is_integer() else f
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return "-".join(str(norm(x)) for x in v)
+    if isinstance(v, str):
+        s = v.strip()
+        low = s.lower()
+        # Booleans read back from a CSV by something other than pandas.
+        if low in ("true", "false"):
+            return low == "true"
+        return s or None
+    return str(v)
+
+
+def truthy(v: Any) -> bool:
+    """True for True, "true", a non-zero number; False for anything else (missing too)."""
+    n = norm(v)
+    return n is True or (isinstance(n, (int, float)) and not isinstance(n, bool) and n != 0)
+
+
+def sort_key(v: Any) -> tuple:
+    """Sorts mixed cells (None next to ints, strings next to numbers, tuples of them):
+    numbers first, then strings, then missing."""
+    if v is None:
+        return (2, "")
+    if isinstance(v, tuple):
+        return (0, tuple(sort_key(x) for x in v))
+    if isinstance(v, (bool, int, float)):
+        return (0, float(v))
+    return (1, str(v))
+
+
+def _col(d: pd.DataFrame, name: str) -> pd.Series:
+    """A numeric column as float (NaN where missing), also when ``d`` lacks it."""
+    if name not in d:
+        return pd.Series(np.nan, index=d.index, dtype=float)
+    return pd.to_numeric(d[name], errors="coerce").astype(float)
+
+
+# --------------------------------------------------------------------------- families
+
+
+def family_columns(df: pd.DataFrame) -> list[str]:
+    """:data:`FAMILY_COLUMNS` plus the optional ones ``df`` has."""
+    return [*FAMILY_COLUMNS, *(c for c in OPTIONAL_FAMILY_COLUMNS if c in df.columns)]
+
+
+def _batch_key(strong: Any, batch: Any, global_batch: Any) -> Any:
+    if truthy(strong):
+        return ("global", norm(global_batch))
+    return norm(batch)
+
+
+def family_keys(df: pd.DataFrame, columns: Sequence[str]) -> list[tuple]:
+    """One hashable key per row: the normalized values of ``columns``.
+
+    ``batch_size`` stands for the batch that defines the family: the per-worker batch
+    under weak scaling, ``("global", N)`` under strong scaling. ``lr`` stands for the
+    base lr where the row records one (an lr scaling rule changes the lr with the worker
+    count). Columns missing from ``df`` count as ``None``.
+
+    Returns:
+        a list of tuples, aligned with ``df``'s rows.
+    """
+    n = len(df)
+
+    def values(c: str) -> list:
+        return [norm(v) for v in df[c]] if c in df.columns else [None] * n
+
+    parts = []
+    for c in columns:
+        if c == "batch_size":
+            parts.append([_batch_key(s, b, g) for s, b, g in
+                          zip(values("strong_scaling"), values("batch_size"),
+                              values("global_batch_size"))])
+        elif c == "lr":
+            parts.append([b if b is not None else lr
+                          for b, lr in zip(values("base_lr"), values("lr"))])
+        else:
+            parts.append(values(c))
+    return list(zip(*parts)) if parts else [() for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- frame
+
+
+def _clean(df: pd.DataFrame | None) -> pd.DataFrame:
+    d = pd.DataFrame() if df is None else df.copy()
+    d = d.reset_index(drop=True)
+    for c in NUMERIC_COLUMNS:
+        d[c] = _col(d, c)
+    for c in (*_BOOL_COLUMNS, *_TEXT_COLUMNS):
+        d[c] = pd.Series([norm(v) for v in d[c]] if c in d else [None] * len(d),
+                         index=d.index, dtype=object)
+    if len(d):
+        # Failed rows of old sweeps recorded widths but not depth.
+        from_widths = d["widths"].map(lambda w: float(len(str(w).split("-")))
+                                      if w is not None else np.nan).astype(float)
+        d["depth"] = d["depth"].fillna(from_widths)
+    d["ok"] = (d["status"] == "ok").astype(bool)
+    return d
+
+
+def _per_family_baseline(d: pd.DataFrame, value: pd.Series, usable: pd.Series
+                         ) -> pd.Series:
+    """Per row, the median of ``value`` over its family's usable 1-worker rows (NaN when
+    the family has none): the median, so one slow baseline repeat does not shift every
+    speedup of the family."""
+    base = usable & (d["world_size"] == 1)
+    medians = value[base].groupby(d.loc[base, "family"], sort=False).median()
+    return d["family"].map(medians).astype(float)
+
+
+def _fill_ci(d: pd.DataFrame) -> None:
+    tp = d["throughput_img_s"]
+    lo, hi, pct = d["throughput_ci95_lo"], d["throughput_ci95_hi"], d["throughput_ci95_pct"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d["throughput_ci95_pct"] = pct.fillna((hi - lo) / 2 / tp * 100)
+        d["throughput_ci95_lo"] = lo.fillna(tp * (1 - d["throughput_ci95_pct"] / 100))
+        d["throughput_ci95_hi"] = hi.fillna(tp * (1 + d["throughput_ci95_pct"] / 100))
+
+
+def _speedup(d: pd.DataFrame) -> None:
+    tp = d["throughput_img_s"]
+    usable = d["ok"] & np.isfinite(tp) & (tp > 0)
+    base = _per_family_baseline(d, tp, usable)
+    d["speedup"] = (tp / base).where(usable)
+    d["scaling_efficiency"] = (d["speedup"] / d["world_size"]).where(d["world_size"] > 0)
+    d["hw_ceiling_speedup"] = np.fmin(d["world_size"], d["hw_parallel_limit"]).where(
+        d["hw_parallel_limit"].notna() & d["world_size"].notna())
+    # The ratio of two independent estimates: relative half-widths add in quadrature
+    # (first-order error propagation); without a CI on either side there is no bar.
+    base_pct = _per_family_baseline(d, d["throughput_ci95_pct"], usable)
+    rel = np.sqrt(d["throughput_ci95_pct"] ** 2 + base_pct ** 2) / 100
+    for c in ("speedup", "scaling_efficiency"):
+        d[f"{c}_ci95_lo"] = d[c] * (1 - rel)
+        d[f"{c}_ci95_hi"] = d[c] * (1 + rel)
+    ttt = d["time_to_target_s"]
+    ttt_base = _per_family_baseline(d, ttt, d["ok"] & np.isfinite(ttt) & (ttt > 0))
+    d["time_to_target_speedup"] = (ttt_base / ttt).where(d["ok"] & (ttt > 0))
+
+
+def _spread(d: pd.DataFrame) -> None:
+    tp = d["throughput_img_s"]
+    usable = d["ok"] & np.isfinite(tp)
+    g = tp[usable].groupby(d.loc[usable, "config"], sort=False)
+    stats = pd.DataFrame({"n": g.size(), "lo": g.min(), "hi": g.max(), "med": g.median()})
+    stats = stats[stats["n"] > 1]
+    spread = (stats["hi"] - stats["lo"]) / stats["med"] * 100
+    d["throughput_spread_pct"] = d["config"].map(spread).where(usable).astype(float)
+
+
+def _not_converged(d: pd.DataFrame) -> pd.Series:
+    miou = d["mIoU"]
+    trained = (d["mode"].isin(["accuracy", "both"])
+               | (d["mode"].isna() & (miou.notna() | d["val_loss"].notna())))
+    no_miou = ~np.isfinite(miou)
+    loss_flat = d["train_loss_last"] >= d["train_loss_first"]  # NaN compares False
+    constant = miou <= 1 / d["num_classes"].where(d["num_classes"] > 0)
+    return trained & (no_miou | loss_flat | constant)
+
+
+def _flags(d: pd.DataFrame) -> None:
+    ci_wide = (d["throughput_ci95_pct"] > CI_LIMIT_PCT) | (
+        d["throughput_spread_pct"] > CI_LIMIT_PCT)
+    checks = {
+        "few-steps": d["measured_steps"] < MIN_MEASURED_STEPS,
+        "wide-ci": ci_wide,
+        "oversubscribed": d["oversubscribed"].map(truthy).astype(bool),
+        "emulated-precision": d["precision_emulated"].map(truthy).astype(bool),
+        "not-converged": _not_converged(d),
+    }
+    ok = d["ok"].to_numpy(bool)
+    masks = {k: (v.to_numpy(bool) & ok) for k, v in checks.items()}
+    d["flags"] = [", ".join(k for k in FLAGS if masks[k][i]) for i in range(len(d))]
+    d["low_confidence"] = (d["flags"] != "").astype(bool)
+    base = d["ok"] & (d["world_size"] == 1)
+    weak = set(d.loc[base & d["low_confidence"], "family"])
+    d["baseline_low_confidence"] = d["family"].map(lambda k: k in weak).astype(bool)
+
+
+def _memory(d: pd.DataFrame) -> None:
+    # On CPU the process's peak RSS is mostly imported libraries; the peak above the
+    # baseline taken after imports and model build is what the workload costs.
+    workload = d["mem_workload_mb"].notna()
+    d["memory_mb"] = d["mem_workload_mb"].where(workload, d["peak_mem_mb"])
+    d["memory_source"] = pd.Series(
+        [None if math.isnan(m) else "workload" if w else src
+         for m, w, src in zip(d["memory_mb"], workload, d["peak_mem_source"])],
+        index=d.index, dtype=object)
+
+
+def frame(df: pd.DataFrame | None) -> pd.DataFrame:
+    """The analysed frame of a results table.
+
+    Clean types: :data:`NUMERIC_COLUMNS` as float (bad cells and missing columns NaN),
+    booleans and text normalized with :func:`norm`, ``depth`` filled from ``widths``.
+    Then the columns of :data:`DERIVED_COLUMNS` (see the module docstring):
+
+    - ``ok``: status == "ok"; ``family`` and ``config`` (family + world_size): tuples;
+    - ``speedup``, ``scaling_efficiency``, ``hw_ceiling_speedup``,
+      ``time_to_target_speedup``; ``speedup_ci95_lo/hi`` and
+      ``scaling_efficiency_ci95_lo/hi`` (the row's and its baseline's throughput CI);
+    - ``throughput_ci95_lo/hi/pct`` completed from one another where one is known;
+      ``throughput_spread_pct`` over repeats (NaN for a single run);
+    - ``low_confidence``, ``flags``, ``baseline_low_confidence`` (the family's 1-worker
+      run, which every speedup rests on, is flagged);
+    - ``memory_mb`` (``mem_workload_mb`` when recorded, else ``peak_mem_mb``) and
+      ``memory_source`` ("workload", "allocator", "host_peak_rss");
+    - ``pareto``: on the accuracy-vs-time Pareto front (:func:`pareto_front`).
+
+    Values the table already holds for derived columns are recomputed. The result is a
+    new frame with a fresh index; ``frame(frame(df))`` equals ``frame(df)``.
+
+    Args:
+        df: rows as in runs.csv or runs.jsonl (any statuses, gaps allowed), or None.
+    """
+    d = _clean(df)
+    fam = family_columns(d)
+    d["family"] = pd.Series(family_keys(d, fam), index=d.index, dtype=object)
+    d["config"] = pd.Series(family_keys(d, [*fam, "world_size"]), index=d.index,
+                            dtype=object)
+    _fill_ci(d)
+    _speedup(d)
+    _spread(d)
+    _flags(d)
+    _memory(d)
+    d["pareto"] = pareto_front(d)
+    return d
+
+
+def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with :data:`ANNOTATION_COLUMNS` filled, for the sweep to write back.
+
+    Each returned dict is a copy of its input row plus those columns (NaN as None); the
+    legacy ``noisy`` key (an older, separate noise rule) is dropped: ``low_confidence``
+    and ``flags`` replace it.
+
+    Args:
+        rows: every row of a results folder (as :func:`segcore.sweep.rows.read_records`
+            returns them), in table order.
+
+    Returns:
+        a new list, aligned with ``rows``.
+    """
+    if not rows:
+        return []
+    d = frame(pd.DataFrame(rows))
+    out = []
+    for row, (_, r) in zip(rows, d.iterrows()):
+        new = {k: v for k, v in row.items() if k != "noisy"}
+        for c in ANNOTATION_COLUMNS:
+            v = r[c]
+            if isinstance(v, (np.bool_, bool)):
+                new[c] = bool(v)
+            elif isinstance(v, str):
+                new[c] = v
+            else:
+                f = float(v)
+                new[c] = f if math.isfinite(f) else None
+        out.append(new)
+    return out
+
+
+# --------------------------------------------------------------------------- judgements
+
+
+def analysed(df: pd.DataFrame | None) -> pd.DataFrame:
+    """``df`` itself when it is already an analysed frame, else :func:`frame` of it."""
+    return df if df is not None and all(c in df.columns for c in DERIVED_COLUMNS) else frame(df)
+
+
+def configurations(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration (family + worker count) of the ok rows.
+
+    Metrics are the median over the configuration's repeats, other values those of its
+    first repeat; ``n_repeats`` counts the repeats, and a configuration is
+    ``low_confidence`` when any repeat is (``flags``: every reason of any repeat).
+
+    Args:
+        df: rows or an analysed frame.
+
+    Returns:
+        a frame in first-seen order, index 0..n-1.
+    """
+    d = analysed(df)
+    ok = d[d["ok"]]
+    rows = []
+    for _, g in ok.groupby("config", sort=False):
+        row = g.iloc[0].to_dict()
+        for c in _MEDIAN_COLUMNS:
+            row[c] = float(g[c].median()) if g[c].notna().any() else math.nan
+        row["n_repeats"] = len(g)
+        found = {f.strip() for text in g["flags"] for f in text.split(",") if f.strip()}
+        row["flags"] = ", ".join(f for f in FLAGS if f in found)
+        row["low_confidence"] = bool(found)
+        row["baseline_low_confidence"] = bool(g["baseline_low_confidence"].any())
+        rows.append(row)
+    if not rows:
+        return ok.assign(n_repeats=pd.Series(dtype=int)).reset_index(drop=True)
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best configuration for one objective.
+
+    Attributes:
+        objective: what is optimized, in words.
+        column: the column compared.
+        row: the configuration (a row of :func:`configurations`), or None.
+        note: why there is none, when ``row`` is None.
+        excluded: configurations that had the metric but were left out because they are
+            low-confidence (or, for scaling efficiency, their 1-worker baseline is).
+    """
+
+    objective: str
+    column: str
+    row: pd.Series | None
+    note: str | None = None
+    excluded: int = 0
+
+
+def _pick(conf: pd.DataFrame, objective: str, col: str, highest: bool, missing: str,
+          pool: pd.DataFrame | None = None) -> Best:
+    pool = conf if pool is None else pool
+    have = pool[pool[col].notna()] if len(pool) else pool
+    weak = have["low_confidence"] | (have["baseline_low_confidence"]
+                                     if col == "scaling_efficiency" else False)
+    good = have[~weak]
+    if not len(have):
+        return Best(objective, col, None, missing)
+    if not len(good):
+        reasons = sorted({f.strip() for t in have["flags"] for f in t.split(",")
+                          if f.strip()}, key=list(FLAGS).index)
+        why = ", ".join(reasons) or "the 1-worker baseline is low-confidence"
+        return Best(objective, col, None, f"all {len(have)} candidate configuration(s) "
+                    f"are low-confidence ({why})", excluded=len(have))
+    i = good[col].idxmax() if highest else good[col].idxmin()
+    return Best(objective, col, good.loc[i], excluded=int(weak.sum()))
+
+
+def best_per_objective(df: pd.DataFrame) -> list[Best]:
+    """The best configuration per objective, repeats reduced to their median, flagged
+    configurations left out.
+
+    Objectives, in report order: highest throughput, best scaling efficiency at the
+    largest worker count with an efficiency, lowest memory per worker (``memory_mb``),
+    best mIoU, fastest time to target mIoU.
+
+    Args:
+        df: rows or an analysed frame.
+    """
+    conf = configurations(df)
+    eff = conf[conf["scaling_efficiency"].notna()] if len(conf) else conf
+    top = eff["world_size"].max() if len(eff) else math.nan
+    at_top = eff[eff["world_size"] == top] if len(eff) else eff
+    return [
+        _pick(conf, "Highest throughput", "throughput_img_s", True,
+              "no ok run measured throughput"),
+        _pick(conf, "Best scaling efficiency at the largest worker count"
+              + (f" ({top:g})" if math.isfinite(top) else ""), "scaling_efficiency", True,
+              "no configuration has both a 1-worker run and a multi-worker run",
+              pool=at_top),
+        _pick(conf, "Lowest peak memory", "memory_mb", False,
+              "no ok run recorded peak memory"),
+        _pick(conf, "Best mIoU", "mIoU", True,
+              "no ok run measured accuracy (throughput-only sweep?)"),
+        _pick(conf, "Fastest time to target mIoU", "time_to_target_s", False,
+              "no run reached its target mIoU"),
+    ]
+
+
+def _front(times: Iterable[float], scores: Iterable[float]) -> np.ndarray:
+    t = np.asarray(list(times), dtype=float)
+    s = np.asarray(list(scores), dtype=float)
+    mask = np.zeros(len(t), dtype=bool)
+    finite = np.flatnonzero(np.isfinite(t) & np.isfinite(s))
+    # Fastest first; among equal times the best score first, so its slower-or-equal
+    # twins are dominated.
+    order = finite[np.lexsort((-s[finite], t[finite]))]
+    best = -np.inf
+    for i in order:
+        if s[i] > best:
+            mask[i] = True
+            best = s[i]
+    return mask
+
+
+def pareto_front(df: pd.DataFrame) -> pd.Series:
+    """Which ok runs no other candidate beats on both training time and mIoU.
+
+    Candidates: ok rows with a positive ``train_time_s`` and a finite ``mIoU`` that are
+    not low-confidence (not-converged runs included in that). Comparing runs trained to
+    different budgets is the caller's caveat (:func:`caveats`).
+
+    Args:
+        df: rows with ``train_time_s``, ``mIoU``, ``ok`` and ``low_confidence`` (an
+            analysed frame; computed from the rows when missing).
+
+    Returns:
+        a boolean Series aligned with ``df``.
+    """
+    d = df if {"ok", "low_confidence"} <= set(df.columns) else frame(df).set_index(
+        df.index)
+    t = _col(d, "train_time_s")
+    s = _col(d, "mIoU")
+    cand = d["ok"].astype(bool) & ~d["low_confidence"].astype(bool) & (t > 0)
+    mask = _front(t.where(cand), s.where(cand))
+    return pd.Series(mask, index=d.index, dtype=bool)
+
+
+# --------------------------------------------------------------------------- caveats
+
+
+def read_env(folder: str | Path) -> dict[str, Any]:
+    """``folder/env.json`` as a dict; empty when missing or unreadable."""
+    try:
+        env = json.loads((Path(folder) / "env.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return env if isinstance(env, dict) else {}
+
+
+def is_cpu(df: pd.DataFrame | None, env: dict[str, Any]) -> bool:
+    """Whether the folder ran on CPU: env.json says so, or a row's device_type does."""
+    if env.get("accelerator") == "cpu":
+        return True
+    if df is not None and "device_type" in df:
+        return any(norm(v) == "cpu" for v in df["device_type"])
+    return False
+
+
+def sample_budget(df: pd.DataFrame) -> tuple[pd.Series, str]:
+    """Training samples per run: ``samples_seen`` where recorded, else ``steps`` x
+    ``global_batch_size`` (an estimate: the last partial batch is not counted).
+
+    Returns:
+        (a float Series aligned with ``df``, the source in words).
+    """
+    seen = _col(df, "samples_seen")
+    if seen.notna().any():
+        return seen, "samples seen"
+    est = _col(df, "steps") * _col(df, "global_batch_size")
+    return est, "steps × global batch"
+
+
+def _plural(n: float, word: str) -> str:
+    return f"{n:g} {word}" + ("s" if n != 1 else "")
+
+
+def _count(mask: pd.Series, what: str) -> str:
+    return f"{_plural(int(mask.sum()), 'run')} {what}"
+
+
+def _fmt_set(values: Iterable[Any]) -> str:
+    vals = sorted({norm(v) for v in values} - {None}, key=sort_key)
+    return ", ".join(f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in vals)
+
+
+def _span(values: pd.Series) -> str:
+    v = values.dropna()
+    if not len(v):
+        return "?"
+    lo, hi = v.min(), v.max()
+    return f"{lo:.0f}" if lo == hi else f"{lo:.0f}–{hi:.0f}"
+
+
+# Budgets within this share of each other count as equal: drop_last trims a partial
+# batch per epoch, which differs with the global batch.
+_BUDGET_TOLERANCE = 0.10
+
+
+def _lr_rules(d: pd.DataFrame) -> set:
+    return {norm(v) for v in d["lr_scaling"]} - {None}
+
+
+def accuracy_budget(df: pd.DataFrame) -> str | None:
+    """The training budget and lr rule of the ok runs with accuracy, in one sentence:
+    samples, steps and lr per worker count, and the lr scaling rule (``lr_scaling``).
+
+    Returns:
+        e.g. ``"Budget (samples seen): 1 worker: 136 samples in 34 steps at lr 0.003;
+        2 workers: 136 samples in 17 steps at lr 0.006. lr rule: linear."``; None when
+        no ok run measured accuracy.
+    """
+    d = analysed(df)
+    acc = d[d["ok"] & d["mIoU"].notna()]
+    if not len(acc):
+        return None
+    budget, source = sample_budget(acc)
+    parts = [f"{_plural(ws, 'worker')}: {_span(budget[g.index])} samples in "
+             f"{_span(g['steps'])} steps at lr {_fmt_set(g['lr']) or '?'}"
+             for ws, g in acc.groupby("world_size")]
+    rules = _lr_rules(acc)
+    return (f"Budget ({source}): " + "; ".join(parts) + ". lr rule: "
+            + (", ".join(sorted(rules)) if rules else "none recorded") + ".")
+
+
+def _accuracy_caveats(d: pd.DataFrame) -> list[str]:
+    acc = d[d["ok"] & d["mIoU"].notna()]
+    if not len(acc):
+        return []
+    out = []
+    nc = acc["flags"].str.contains("not-converged")
+    if nc.any():
+        out.append(f"{_count(nc, 'did not converge')} (no mIoU, training loss did not "
+                   "fall, or mIoU ≤ 1 / classes, what a constant prediction can reach): "
+                   "flagged, off the Pareto front, never best.")
+    per_family = acc.groupby("family", sort=False)["world_size"].nunique()
+    if not (per_family > 1).any():
+        return out
+    cross = acc[acc["family"].map(per_family) > 1]
+    rules = _lr_rules(cross)
+    if not rules or rules == {"none"}:
+        out.append("Accuracy is compared across worker counts without an lr scaling "
+                   "rule: at an equal sample budget, N workers take 1/N of the steps at "
+                   "the same lr, so mIoU at more workers reflects fewer updates, not data "
+                   "parallelism (Goyal et al. 2017 scale the lr linearly with the global "
+                   "batch, with warm-up: --lr-scaling linear).")
+    budget, _ = sample_budget(cross)
+    spread = budget.groupby(cross["family"], sort=False).agg(lambda b: (b.max() - b.min()) / b.max()
+                                                 if b.notna().any() else 0.0)
+    if (spread > _BUDGET_TOLERANCE).any():
+        out.append("Accuracy is compared across worker counts at sample budgets that "
+                   f"differ by more than {_BUDGET_TOLERANCE:.0%} within a configuration: "
+                   "mIoU differences partly reflect the budget.")
+    return out
+
+
+def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> list[str]:
+    """Each caveat that applies to the rows shown, one sentence or two each.
+
+    Args:
+        df: the rows shown (or their analysed frame).
+        env: env.json contents (may be empty).
+        about: ``"speed"``, ``"memory"`` or ``"accuracy"`` for the caveats that concern
+            that table; None for all of them.
+
+    Returns:
+        caveat texts, most general first; empty when none applies.
+    """
+    d = analysed(df)
+    ok = d[d["ok"]]
+    items: list[tuple[set[str], str]] = []
+    if is_cpu(d, env):
+        items.append(({"speed", "memory"}, "CPU host: timings show code paths and "
+                      "relative effects, not GPU performance."))
+    over = ok["flags"].str.contains("oversubscribed")
+    if over.any():
+        ceil = _fmt_set(ok.loc[over, "hw_ceiling_speedup"])
+        items.append(({"speed"}, f"{_count(over, 'oversubscribed')} the hardware (more "
+                      "workers × threads than usable cores, or more workers than GPUs): "
+                      "their speedup cannot exceed the hardware ceiling"
+                      + (f" ({ceil}×)" if ceil else "") + ", not the worker count."))
+    emu = ok["flags"].str.contains("emulated-precision")
+    if emu.any():
+        items.append(({"speed"}, f"{_count(emu, 'ran a precision this hardware only emulates')} "
+                      f"({_fmt_set(ok.loc[emu, 'precision'])}): their timings measure the "
+                      "emulation, not the precision."))
+    speed_flags = ok["flags"].str.contains("few-steps|wide-ci")
+    if speed_flags.any():
+        items.append(({"speed"}, f"{_count(speed_flags, 'rest on too few samples')} "
+                      f"(< {MIN_MEASURED_STEPS} measured steps, or a 95 % CI / repeat "
+                      f"spread wider than ±{CI_LIMIT_PCT:g} %): drawn hollow, listed "
+                      "under Low-confidence figures, never picked as best."))
+    has_tp = ok["throughput_img_s"].notna()
+    if has_tp.any() and not ok.loc[has_tp, "throughput_ci95_pct"].notna().any() \
+            and not ok["throughput_spread_pct"].notna().any():
+        items.append(({"speed"}, "No confidence interval recorded and no repeats: the "
+                      "spread of each throughput is unknown."))
+    if is_cpu(d, env) and ok["memory_mb"].notna().any():
+        if (ok["memory_source"] == "workload").all():
+            text = ("Memory is the workload's peak above the process baseline (taken "
+                    "after imports and model build).")
+        else:
+            text = ("Memory on CPU is the process's peak RSS, most of it imported "
+                    "libraries (hundreds of MB): compare rows, not absolute values.")
+        items.append(({"memory"}, text))
+    items += [({"accuracy"}, t) for t in _accuracy_caveats(d)]
+    return [t for topics, t in items if about is None or about in topics]

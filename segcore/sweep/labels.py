@@ -1,0 +1,357 @@
+"""How configurations are named and told apart in figures, legends and tables.
+
+A configuration is named by the values that differ between the rows shown (``"deepspeed
+ZeRO-2, bf16, batch 16, 4 workers"``), never by what every row shares. Figures map
+those differing values to panels, colours and line styles (:func:`encode`), outermost
+dimension first (:data:`DIM_ORDER`). Also the one-line context under every figure title
+and the short names of results folders in a comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import pandas as pd
+
+from segcore.host import hardware_tag
+from segcore.sweep.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
+                                    read_env)
+
+__all__ = ["DIM_ORDER", "SOURCE", "MAX_LINES", "Keyed", "piece", "describe_keys",
+           "describe_rows", "dim_rank", "Encoding", "encode", "palette",
+           "folder_constant", "describe_context", "folder_labels", "seconds"]
+
+# Columns redundant with others in most sweeps (widths follow depth, params follow
+# widths and classes): dropped from a label when the labels stay distinct without them.
+_LINESTYLES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_REDUNDANT = ("params", "num_classes", "widths", "device_type", "device_name", "mode",
+              "strong_scaling")
+
+
+class Keyed(Protocol):
+    """A drawn line: its folder (index into the sources) and configuration key."""
+
+    source: int
+    key: tuple
+
+
+# Outermost first: facets (one panel per value) are taken from the front, colours and
+# line styles from the back, so that a panel compares what a reader compares first
+# (worker counts, batch sizes, depths) within one engine / precision / dataset.
+DIM_ORDER = (
+    "device_name", "device_type", "class_scheme", "num_classes", "mode", "strong_scaling",
+    "engine", "loader", "precision", "channels_last", "compile", "arch", "norm",
+    "image_size", "lr_scaling", "lr", "augment", "optimizer", "loss", "class_weights", "grad_accum",
+    "params", "widths", "depth", "batch_size", "world_size",
+)
+SOURCE = "__source__"  # the folder a line comes from, when comparing folders
+MAX_LINES = 9  # lines per panel before the figure is split into panels
+MAX_COMPARE_STYLES = 4  # line styles per panel when colour tells the folders apart
+MAX_PANELS = 12
+
+
+def piece(col: str, v: Any, key: dict[str, Any]) -> str:
+    """Compact text of one configuration value, for legends and panel titles."""
+    if v is None:
+        return f"{col} ?"
+    if col == "engine":
+        z = key.get("zero_stage")
+        return f"deepspeed ZeRO-{z}" if v == "deepspeed" and z is not None else str(v)
+    if col == "zero_stage":
+        return f"ZeRO-{v}"
+    if col == "batch_size":
+        return f"global batch {v[1]}" if isinstance(v, tuple) else f"batch {v}"
+    if col == "world_size":
+        return f"{v} worker" + ("s" if v != 1 else "")
+    if col == "nnodes":
+        return f"{v} node" + ("s" if v != 1 else "")
+    if col == "channels_last":
+        return "channels-last" if v else "NCHW"
+    if col == "compile":
+        return "compiled" if v else "eager"
+    if col == "strong_scaling":
+        return "strong scaling" if v else "weak scaling"
+    if col == "augment":
+        return "augmented" if v else "no augmentation"
+    fmt = {"depth": "depth {}", "widths": "widths {}", "image_size": "{}px crops",
+           "class_scheme": "{} classes", "num_classes": "{} classes", "mode": "{} mode",
+           "loader": "{} loader", "arch": "{} U-Net", "lr": "lr {}",
+           "lr_scaling": "{} lr scaling", "params": "{} params",
+           "precision": "{}", "device_name": "{}", "device_type": "{}"}
+    return fmt.get(col, col + " {}").format(v)
+
+
+def _shown_columns(keys: Sequence[tuple], cols: Sequence[str]) -> list[str]:
+    """The key columns worth naming: those that vary across ``keys`` (missing values
+    ignored), minus the redundant ones, with the ZeRO stage folded into the engine."""
+    uniq = list(dict.fromkeys(keys))
+    idx = {c: i for i, c in enumerate(cols)}
+    varying = [c for c in cols if len({k[idx[c]] for k in uniq} - {None}) > 1]
+
+    def distinct(columns: list[str]) -> int:
+        return len({tuple(k[idx[c]] for c in columns) for k in uniq})
+
+    for c in _REDUNDANT:
+        if c in varying and distinct([x for x in varying if x != c]) == distinct(varying):
+            varying.remove(c)
+    if "zero_stage" in varying:
+        varying.remove("zero_stage")
+        if "engine" in idx and "engine" not in varying:
+            varying.append("engine")  # the engine piece carries the ZeRO stage
+    return [c for c in cols if c in varying]
+
+
+def describe_keys(keys: Sequence[tuple], cols: Sequence[str], always: Sequence[str] = (),
+                  skip_missing: bool = True) -> list[dict[str, str]]:
+    """Per key, ``{column: text}`` for the columns that vary (plus ``always``); with
+    ``skip_missing`` False every shown column is present ("precision ?")."""
+    shown = set(_shown_columns(keys, cols)) | {c for c in always if c in cols}
+    shown = [c for c in cols if c in shown]
+    out = []
+    for k in keys:
+        kd = dict(zip(cols, k))
+        # A value the row does not record (a failed run's precision) is left out
+        # rather than printed as a question mark.
+        out.append({c: piece(c, kd[c], kd) for c in shown
+                    if kd[c] is not None or not skip_missing})
+    return out
+
+
+def describe_rows(df: pd.DataFrame, columns: Sequence[str] | None = None,
+                  always: Sequence[str] = ()) -> list[str]:
+    """A compact description of each row's configuration, naming only what differs
+    between the rows (e.g. ``"deepspeed ZeRO-2, bf16, batch 16, 4 workers"``).
+
+    Args:
+        df: rows as in runs.csv.
+        columns: the columns to describe; default the family columns and world_size.
+        always: columns named even when they do not vary.
+
+    Returns:
+        one string per row ("" when nothing varies and ``always`` is empty).
+    """
+    d = analysed(df)
+    cols = list(columns) if columns is not None else family_columns(d) + ["world_size"]
+    return [", ".join(x.values()) for x in describe_keys(family_keys(d, cols), cols, always)]
+
+
+def _default_label(key: tuple, cols: Sequence[str]) -> str:
+    """What a lone line is, when nothing varies to tell it from others."""
+    kd = dict(zip(cols, key))
+    parts = [piece(c, kd[c], kd) for c in ("engine", "precision", "batch_size", "depth",
+                                            "world_size")
+             if c in kd and kd[c] is not None]
+    return ", ".join(parts) or "all runs"
+
+
+def dim_rank(col: str) -> int:
+    # Unknown (user-given) columns sit between the engine-like and the size-like ones.
+    return DIM_ORDER.index(col) if col in DIM_ORDER else DIM_ORDER.index("image_size")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Encoding:
+    """How lines map to panels, colours and line styles."""
+
+    facets: list[str]
+    colour: str | None
+    styles: list[str]
+    desc: list[dict[str, str]]  # per line: column -> text (incl. SOURCE)
+    panels: list[tuple[str, ...]]  # facet values, in drawing order
+    colour_of: dict[str, Any]
+    style_of: dict[tuple[str, ...], tuple[str, str]]
+    default: str | None  # the label of a lone line when nothing varies
+
+    def panel(self, i: int) -> int:
+        return self.panels.index(tuple(self.desc[i][c] for c in self.facets))
+
+    def line_style(self, i: int) -> tuple[Any, str, str, float]:
+        """Colour, dash, marker and width of line ``i``."""
+        d = self.desc[i]
+        colour = self.colour_of[d[self.colour]] if self.colour else palette(1)[0]
+        style = self.style_of.get(tuple(d[c] for c in self.styles), ("-", "o"))
+        # Earlier colours are drawn wider, so a line hidden under an identical one
+        # (DDP memory at 1, 2 and 4 workers) still shows as a coloured rim.
+        n = len(self.colour_of)
+        rank = list(self.colour_of).index(d[self.colour]) if self.colour else 0
+        width = 1.4 + (1.1 * (n - 1 - rank) / (n - 1) if n > 1 else 0.0)
+        return colour, style[0], style[1], width
+
+    def legend(self) -> tuple[list, list[str]]:
+        from matplotlib.lines import Line2D
+
+        handles, labels = [], []
+        if self.colour is None:
+            handles.append(Line2D([], [], color=palette(1)[0], marker="o"))
+            labels.append(self.default or "all runs")
+        for text, colour in self.colour_of.items():
+            # Colour swatches are solid lines without markers when styles carry meaning,
+            # so the two halves of the legend read independently.
+            handles.append(Line2D([], [], color=colour, linewidth=3 if self.styles else 1.6,
+                                  marker=None if self.styles else "o"))
+            labels.append(text)
+        for values, (ls, marker) in self.style_of.items():
+            handles.append(Line2D([], [], color="0.3", linestyle=ls, marker=marker))
+            labels.append(", ".join(values))
+        return handles, labels
+
+
+def encode(lines: Sequence[Keyed], key_cols: Sequence[str],
+            sources: list[tuple[str | None, pd.DataFrame]]) -> Encoding:
+    """Choose panels, colours and line styles for ``lines`` so that each panel holds at
+    most :data:`MAX_LINES` lines where possible (:data:`MAX_COMPARE_STYLES` per folder
+    when comparing), and every line is identified by its colour (the innermost varying
+    dimension, or the folder) and line style (the others)."""
+    keys = [ln.key for ln in lines]
+    # Every line needs a value for every dimension to be placed in a panel and styled.
+    desc = describe_keys(keys, key_cols, skip_missing=False)
+    multi = len(sources) > 1
+    if multi:
+        for d, ln in zip(desc, lines):
+            d[SOURCE] = str(sources[ln.source][0])
+    shown = [c for c in (desc[0] if desc else {}) if c != SOURCE]
+    if multi:
+        # What is constant within each folder (its device) is said by the folder's
+        # colour; naming it again would also split the folders into separate panels.
+        const = {key_cols[i] for i in folder_constant(lines, key_cols)}
+        shown = [c for c in shown if c not in const]
+    inner = sorted(shown, key=dim_rank, reverse=True)
+    facets: list[str] = []
+    budget = MAX_COMPARE_STYLES if multi else MAX_LINES
+
+    def per_panel(fs: list[str]) -> tuple[int, int]:
+        """(panels, most lines in one panel, not counting folders) with facets ``fs``."""
+        rest = [c for c in inner if c not in fs]
+        panels: dict[tuple, set] = {}
+        for d in desc:
+            panels.setdefault(tuple(d[c] for c in fs), set()).add(tuple(d[c] for c in rest))
+        return len(panels), max((len(v) for v in panels.values()), default=0)
+
+    for c in sorted(shown, key=dim_rank):  # outermost first
+        if per_panel(facets)[1] <= budget:
+            break
+        if per_panel(facets + [c])[0] <= MAX_PANELS:
+            facets.append(c)
+    # A dimension constant within every panel (precision when each engine ran in one
+    # precision) belongs in the panel title, not in the line styles.
+    for c in [c for c in inner if c not in facets]:
+        values: dict[tuple, set] = {}
+        for d in desc:
+            values.setdefault(tuple(d[f] for f in facets), set()).add(d[c])
+        if facets and all(len(v) == 1 for v in values.values()):
+            facets.append(c)
+    facets.sort(key=dim_rank)
+    dims = ([SOURCE] if multi else []) + [c for c in inner if c not in facets]
+    colour = dims[0] if dims else None
+    styles = sorted(dims[1:], key=dim_rank)  # legend text in reading order: ddp, fp32
+    panels = list(dict.fromkeys(tuple(d[c] for c in facets) for d in desc))
+    colour_values = list(dict.fromkeys(d[colour] for d in desc)) if colour else []
+    style_values = list(dict.fromkeys(tuple(d[c] for c in styles) for d in desc)) \
+        if styles else []
+    colours = palette(len(colour_values))
+    # Marker and dash change together, so that up to 8 style values stay distinct.
+    combos = [(_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)])
+              for i in range(len(style_values))]
+    default = _default_label(keys[0], key_cols) if keys and not shown and not multi \
+        else None
+    return Encoding(facets, colour, styles, desc, panels,
+                     dict(zip(colour_values, colours)), dict(zip(style_values, combos)),
+                     default)
+
+
+def palette(n: int) -> list:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def folder_constant(lines: Sequence[Keyed], key_cols: Sequence[str]) -> set[int]:
+    """Indices of the key columns constant within each folder (its device name)."""
+    values: dict[tuple[int, int], set] = {}
+    for ln in lines:
+        for i, v in enumerate(ln.key):
+            values.setdefault((i, ln.source), set()).add(v)
+    return {i for i in range(len(key_cols))
+            if all(len(v) == 1 for (j, _), v in values.items() if j == i)}
+
+
+
+# --------------------------------------------------------------------------- context
+
+
+def describe_context(df: pd.DataFrame | None, env: dict[str, Any]) -> str:
+    """One line naming the sweep and hardware, drawn under every figure title.
+
+    Args:
+        df: the rows (for the sweep id and device type); may be None.
+        env: env.json contents; may be empty.
+
+    Returns:
+        e.g. ``"sweep s1 · cpu-2c-intel-xeon · CPU: relative effects, not GPU
+        performance"``.
+    """
+    parts = []
+    ids = []
+    if df is not None and "sweep_id" in df:
+        ids = sorted({str(v) for v in (norm(x) for x in df["sweep_id"]) if v is not None})
+    if not ids and env.get("sweep_id"):
+        ids = [str(env["sweep_id"])]
+    if ids:
+        parts.append("sweep " + ", ".join(ids[:2]) + (" ..." if len(ids) > 2 else ""))
+    tag = hardware_tag(env) if env else None
+    if tag and not any(i.startswith(tag) for i in ids):  # default ids start with the tag
+        parts.append(tag)
+    if is_cpu(df, env):
+        parts.append("CPU: relative effects, not GPU performance")
+    return " · ".join(parts)
+
+
+def folder_labels(folders: Sequence[str | Path]) -> list[str]:
+    """Distinct short names for results folders, for a comparison legend.
+
+    Each label is the hardware tag of the folder's env.json, then its git commit (7
+    characters) when tags collide, then the folder name when those collide too.
+
+    Args:
+        folders: results folders.
+
+    Returns:
+        one label per folder, in order.
+    """
+    infos = []
+    for f in folders:
+        env = read_env(f)
+        tag = hardware_tag(env) if env else None
+        commit = (env.get("git_commit") or "")[:7] or None
+        if commit and env.get("git_dirty"):
+            commit += "+dirty"
+        infos.append((tag, commit, Path(f).resolve().name or str(f)))
+
+    def build(level: int) -> list[str]:
+        out = []
+        for tag, commit, name in infos:
+            parts = [p for p in (tag, commit if level >= 1 else None,
+                                 name if level >= 2 or tag is None else None) if p]
+            out.append(" @ ".join(parts[:2]) + (f" ({parts[2]})" if len(parts) > 2 else ""))
+        return out
+
+    for level in range(3):
+        labels = build(level)
+        if len(set(labels)) == len(labels):
+            return labels
+    # Same folder name twice (e.g. two checkouts' results/latest): number them.
+    return [f"{lab} #{i + 1}" for i, lab in enumerate(build(2))]
+
+
+
+
+def seconds(t: float) -> str:
+    return f"{t:.0f} s" if t >= 100 else f"{t:.3g} s"
+
