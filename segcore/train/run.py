@@ -294,7 +294,7 @@ def run(cfg: RunConfig, log: Log = print,
         steps_per_epoch = max(1, len(train_loader) // tc.grad_accum)
         total = tc.steps or (tc.warmup_steps + tc.measure_steps if cfg.mode == "throughput"
                              else tc.epochs * steps_per_epoch)
-        engine = build_engine(model, tc, ctx.device, total, ctx.distributed)
+        engine = build_engine(model, tc, ctx.device, total, ctx.distributed, log=say)
         weights = class_weights_from(train_ds, scheme.num_classes) \
             if tc.class_weights else None
         trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from segcore.config import TrainConfig
+from segcore.config import ConfigError, TrainConfig
 from segcore.train.engines.base import Engine
+from segcore.train.engines.sync_bn import convert_sync_batchnorm, has_batchnorm
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 total_steps: int, distributed: bool) -> Engine:
+                 total_steps: int, distributed: bool,
+                 log: Callable[[str], None] | None = None) -> Engine:
     """Wrap ``model`` for the engine named in ``cfg.engine``.
 
     ``ddp`` without a process group (a plain ``python`` run) falls back to nothing: the
     caller should launch with torchrun; we raise rather than silently run unwrapped.
+    ``cfg.sync_bn`` turns every BatchNorm into a synchronized one first. ``log`` gets
+    one-time notices (DeepSpeed compiling its CPU op).
     """
+    if cfg.sync_bn:
+        if cfg.engine == "single":
+            raise ConfigError("--sync-bn synchronizes BatchNorm across workers: use it "
+                              "with --engine ddp or deepspeed, or drop it")
+        bare = getattr(model, "_orig_mod", model)  # under torch.compile
+        if not has_batchnorm(bare):
+            raise ConfigError("--sync-bn: the model has no BatchNorm layer (only "
+                              "--arch modern --norm batch has one); drop --sync-bn")
+        convert_sync_batchnorm(bare, device)  # in place: the layers are children
     if cfg.engine == "single":
         return Engine(model, cfg, device, total_steps)
     if cfg.engine == "ddp":
@@ -30,7 +45,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
         from segcore.train.engines.fsdp import FSDPEngine
         return FSDPEngine(model, cfg, device, total_steps)  # raises without a group
     from segcore.train.engines.deepspeed import DeepSpeedEngine
-    return DeepSpeedEngine(model, cfg, device, total_steps)
+    return DeepSpeedEngine(model, cfg, device, total_steps, log=log)
 
 
 __all__ = ["Engine", "build_engine"]

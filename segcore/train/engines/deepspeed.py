@@ -7,23 +7,35 @@ also how DeepSpeed's own timers (``"wall_clock_breakdown": true``) and FLOP prof
 without CUDA, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported.
 
 Checkpoints hold full (gathered) model weights, so a ZeRO-3 run's checkpoint loads into
-any engine and into prediction; the optimizer state is DeepSpeed's and is not carried
-across a resume (the run restarts its optimizer from the saved weights).
+any engine and into prediction. Beside them go DeepSpeed's optimizer state (each rank's
+partition, gathered to the primary: moments, fp32 master weights, loss scale), the LR
+schedule and DeepSpeed's step counters, so ``--resume`` continues the same trajectory;
+a partitioned state resumes on the same number of workers only.
+
+On the CPU, DeepSpeed compiles a C++ communication op (shared-memory collectives) the
+first time it runs on a machine, which takes one to two minutes; the engine says so
+before it starts, and how long it took.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import inspect
 import json
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from segcore.config import ConfigError, TrainConfig
+from segcore.dist import gather_objects
 from segcore.train.engines.base import Engine, make_optimizer, make_schedule
+
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory collectives (a C++ op)
 
 
 def import_deepspeed(device: torch.device):
@@ -36,6 +48,47 @@ def import_deepspeed(device: torch.device):
         raise ConfigError(f"engine 'deepspeed' needs the deepspeed package ({e}); "
                           "install it with: pip install deepspeed") from None
     return deepspeed
+
+
+def shm_op_to_build(ds_mod) -> Path | None:
+    """The folder DeepSpeed will compile its CPU communication op into during
+    ``deepspeed.initialize``, or ``None`` when nothing is compiled (not on the CPU
+    accelerator, op not usable here, installed prebuilt, or compiled by an earlier run:
+    ``torch.utils.cpp_extension`` caches it per machine, under ``$TORCH_EXTENSIONS_DIR``
+    or ``~/.cache/torch_extensions``)."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator()._name != "cpu" or not ds_mod.ops.__compatible_ops__.get(SHM_OP):
+        return None
+    from deepspeed.git_version_info import installed_ops
+
+    if installed_ops.get(SHM_OP):
+        return None
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        folder = Path(_get_build_directory(SHM_OP, verbose=False))
+    except (ImportError, OSError, TypeError):  # a private helper: its shape may change
+        return None
+    return None if (folder / f"{SHM_OP}.so").is_file() else folder
+
+
+def _plain(state: Any) -> Any:
+    """A DeepSpeed optimizer state dict that ``torch.load(weights_only=True)`` reads:
+    tensors on the CPU, enums as their values, the loss scaler as its numeric
+    attributes; the parameter slice map (only for DeepSpeed's universal checkpoints)
+    is dropped."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, enum.Enum):
+        return state.value
+    if isinstance(state, dict):
+        return {k: _plain(v) for k, v in state.items() if k != "param_slice_mappings"}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_plain(v) for v in state)
+    if hasattr(state, "cur_scale"):  # DeepSpeed's LossScaler / DynamicLossScaler
+        return {"__ds_loss_scaler__": {k: v for k, v in vars(state).items()
+                                if isinstance(v, (bool, int, float, str, type(None)))}}
+    return state
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -85,7 +138,8 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 total_steps: int) -> None:
+                 total_steps: int, log: Callable[[str], None] | None = None) -> None:
+        log = log or (lambda _msg: None)
         ds_mod = import_deepspeed(device)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.ds_config = make_ds_config(cfg, world)
@@ -96,9 +150,18 @@ class DeepSpeedEngine(Engine):
         model = model.to(memory_format=torch.contiguous_format)
         optimizer = make_optimizer(model.parameters(), cfg, device)
         scheduler = make_schedule(optimizer, cfg, total_steps)
+        build_dir = shm_op_to_build(ds_mod)
+        if build_dir is not None:
+            log(f"DeepSpeed: compiling its CPU communication op ({SHM_OP}: shared-memory "
+                "collectives between the workers of a machine); this happens once per "
+                "machine and takes about 1-2 minutes on a few cores; later runs reuse "
+                f"{build_dir}")
+        t0 = time.perf_counter()
         engine, self.optimizer, _, self.scheduler = ds_mod.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        if build_dir is not None:
+            log(f"DeepSpeed: communication op ready ({time.perf_counter() - t0:.0f} s)")
         self.model = engine
         self.module = engine.module
         self._ds = ds_mod
@@ -162,10 +225,68 @@ class DeepSpeedEngine(Engine):
             return {k: v.detach().float().clone() if v.is_floating_point() else v.clone()
                     for k, v in self.module.state_dict().items()}
 
+    @property
+    def _partitioned(self) -> bool:
+        """Each rank holds its own share of the optimizer state (ZeRO-1/2/3 and
+        DeepSpeed's bf16 optimizer take the list of every rank's state on load)."""
+        params = list(inspect.signature(self.optimizer.load_state_dict).parameters)
+        return bool(params) and params[0] == "state_dict_list"
+
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model_state_dict()}
+        """Full weights, plus the optimizer state of every rank (on the primary; the
+        others' copy is not written), the LR schedule and DeepSpeed's counters. Every
+        rank must call it: the weight gather and the state gather are collectives."""
+        sd: dict[str, Any] = {"model": self.model_state_dict()}
+        mine = _plain(self.optimizer.state_dict())
+        sd["optimizer_shards"] = gather_objects(mine) if self._partitioned else [mine]
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        sd["zero_stage"] = self.cfg.zero_stage
+        sd["counters"] = {k: int(getattr(self.model, k)) for k in
+                          ("global_steps", "global_samples", "skipped_steps")}
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         with self._gathered(modifier_rank=0):
             own = self.module.state_dict()
             self.module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd["model"].items()})
+        shards = sd.get("optimizer_shards")
+        if shards is None:
+            # Weights only (a checkpoint from before optimizer state was saved): the
+            # optimizer's fp32 master copy must follow them, or its first step would
+            # write the old weights back.
+            if hasattr(self.optimizer, "refresh_fp32_params"):
+                self.optimizer.refresh_fp32_params()
+            return
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if self._partitioned and (len(shards) != world
+                                  or sd.get("zero_stage") != self.cfg.zero_stage):
+            raise ConfigError(
+                f"the checkpoint holds DeepSpeed optimizer state partitioned for ZeRO-"
+                f"{sd.get('zero_stage')} over {len(shards)} worker(s); this run has ZeRO-"
+                f"{self.cfg.zero_stage} over {world}. Resume with the same number of workers, "
+                "or start a new run with another --out")
+        shards = [self._revive(s) for s in shards]
+        if self._partitioned:
+            # fp32 master weights from the checkpoint (exact), not re-derived from the
+            # (possibly bf16) model weights.
+            self.optimizer.load_state_dict(shards, load_optimizer_states=True,
+                                           load_from_fp32_weights=True)
+        else:
+            self.optimizer.load_state_dict(shards[0])
+        if self.scheduler is not None and "scheduler" in sd:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        for k, v in sd.get("counters", {}).items():
+            setattr(self.model, k, v)
+
+    def _revive(self, state: Any) -> Any:
+        """Undo :func:`_plain`'s loss-scaler encoding: the optimizer's own scaler object
+        (same class: same precision) with the saved numbers."""
+        if isinstance(state, dict):
+            if set(state) == {"__ds_loss_scaler__"}:
+                scaler = self.optimizer.loss_scaler
+                for k, v in state["__ds_loss_scaler__"].items():
+                    setattr(scaler, k, v)
+                return scaler
+            return {k: self._revive(v) for k, v in state.items()}
+        return state
