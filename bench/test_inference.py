@@ -7,6 +7,12 @@ to the precision, channels-last input and model). 256x256 batch 4 on CPU, 512x51
 batch 8 on CUDA, as the train-step benchmarks. Each output is checked against an fp32
 NCHW reference forward of the same weights.
 
+Tiled prediction: :func:`segcore.predict.blocks.predict_classes` over a photo-sized
+image (1024 x 1536 on CPU, 4000 x 6000 on CUDA) with a 1x1-convolution model, so the
+time is the tiling path itself: uint8 upload, per-batch normalization, blending on the
+device, logits -> classes, one download per block. Checked against one whole-image
+pass (``predict_image``).
+
 Ratio: the train-step benchmark's bf16 channels-last step timed alternately with its
 fp32 NCHW step (see ``bench/ratios.py``): how much the production precision/layout
 policy buys on this machine, a number that transfers across machines of one kind far
@@ -16,12 +22,16 @@ only to keep that file's benchmarks unchanged.)
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from segcore.config import ModelConfig
+from segcore.data.dataset import normalize_image
 from segcore.model import build_model
 from segcore.precision import PrecisionPolicy
+from segcore.predict.blocks import predict_classes
+from segcore.predict.tiles import predict_image
 
 from bench.conftest import BENCH_DEVICE, record, slowdown, sync
 from bench.ratios import PairedReference, record_ratio
@@ -70,6 +80,29 @@ def test_inference_forward(benchmark, arch, precision):
     assert err < TOLERANCE[precision], f"{arch} {precision}: relative error {err:.2e}"
     record(benchmark, BATCH, arch=arch, precision=precision, channels_last=True,
            image=[3, SIZE, SIZE], batch=BATCH, rel_err_vs_fp32=err)
+
+
+PHOTO, TILE = ((4000, 6000), 512) if BENCH_DEVICE.type == "cuda" else ((1024, 1536), 256)
+
+
+def test_tiled_prediction_path(benchmark):
+    benchmark.group = f"tiled prediction {PHOTO[0]}x{PHOTO[1]}, tile {TILE}, 1x1 conv"
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, CLASSES, 1).to(BENCH_DEVICE).eval()
+    photo = np.random.default_rng(2).integers(0, 256, (*PHOTO, 3), dtype=np.uint8)
+
+    def predict() -> np.ndarray:
+        classes = predict_classes(model, photo, CLASSES, tile=TILE, overlap=0.25,
+                                  batch_size=BATCH, device=BENCH_DEVICE)
+        slowdown()
+        return classes  # on the host already: predict_classes synchronizes
+
+    classes = benchmark.pedantic(predict, rounds=3, warmup_rounds=1, iterations=1)
+    whole = predict_image(model, normalize_image(photo), CLASSES, tile=TILE, overlap=0.25,
+                          batch_size=BATCH, device=BENCH_DEVICE)
+    np.testing.assert_array_equal(classes, whole.numpy())
+    record(benchmark, PHOTO[0] * PHOTO[1], unit="px", image=[3, *PHOTO], tile=TILE,
+           batch=BATCH)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

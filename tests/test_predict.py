@@ -454,7 +454,8 @@ def test_package_import_is_light_and_reexports_lazily():
             "assert not heavy, heavy; "
             "from segcore.predict.tiles import predict_tiled; "
             "from segcore.predict.folder import predict_checkpoint; "
-            "assert p.predict_tiled is predict_tiled and p.predict_checkpoint is predict_checkpoint; "
+            "assert p.predict_tiled is predict_tiled; "
+            "assert p.predict_checkpoint is predict_checkpoint; "
             "assert 'pandas' not in sys.modules and 'matplotlib' not in sys.modules; "
             "assert issubclass(p.PredictError, ValueError)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -671,6 +672,24 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
         line = one_error_line(err)
         assert needle in line, (name, line)
     assert not (tmp_path / "out" / "a_classes.png").exists()  # refused before predicting
+
+
+def test_out_of_memory_exits_3_with_a_hint(tmp_path, capsys, monkeypatch):
+    """An allocation failure while blending (device accumulator) is exit 3, one line."""
+    import segcore.predict.blocks as blocks
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(blocks, "blend_tiles", oom)
+    photo, _ = scene("six", SCENES["six"])
+    save_png(tmp_path / "imgs" / "a.png", photo)
+    ckpt = colour_checkpoint(tmp_path / "c.pt", "six")
+    rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
+                         "--out", tmp_path / "out", "--tile", 64)
+    assert rc == 3
+    line = one_error_line(err)
+    assert "out of memory: CUDA out of memory" in line and "--max-block-mb" in line
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):

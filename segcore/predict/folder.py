@@ -12,11 +12,12 @@ does the same for any model callable (tests use an oracle).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,15 @@ __all__ = ["PRECISIONS", "PredictError", "PredictSettings", "Hooks", "FolderResu
 PRECISIONS = tuple(DTYPES)  # fp32, bf16 (autocast), fp16 (autocast, CUDA only)
 _STAT_KEYS = ("unknown_fraction", "impervious_fraction", "pervious_fraction",
               "water_fraction", "C_low", "C_typical", "C_high")
+
+
+@contextlib.contextmanager
+def _as_predict_error() -> Iterator[None]:
+    """The data readers' one-line input errors, as the error prediction reports."""
+    try:
+        yield
+    except DatasetError as e:
+        raise PredictError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -274,10 +284,8 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
     truth = dict(truth or {})
 
     def truth_mask(stem: str) -> np.ndarray:
-        try:
+        with _as_predict_error():
             return read_truth(truth[stem], sch, truth_kind, settings.max_image_pixels)
-        except DatasetError as e:
-            raise PredictError(str(e)) from None
 
     # Validate every truth mask before hours of inference: a wrong folder or scheme
     # fails now, in one line.
@@ -418,15 +426,14 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
     device = resolve_device(settings.device)
     if settings.precision == "fp16" and device.type != "cuda":
         raise PredictError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    try:
-        # Cheap checks first: a wrong folder should not wait for a checkpoint load.
+    # Cheap checks first: a wrong folder should not wait for a checkpoint load.
+    with _as_predict_error():
         files = list_images(images)
-        loaded = load_model(checkpoint, device)
-        sch = loaded.scheme
-        table = load_properties(properties, sch.name)
+    loaded = load_model(checkpoint, device)
+    sch = loaded.scheme
+    table = load_properties(properties, sch.name)
+    with _as_predict_error():
         truth_map = find_truth(truth, files) if truth is not None else None
-    except DatasetError as e:
-        raise PredictError(str(e)) from None
     try:
         check_input_size(loaded.cfg.model, settings.tile, settings.tile)
     except ConfigError as e:
@@ -445,5 +452,6 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
                       "norm": cfg.model.norm, "kernel": cfg.model.kernel,
                       "trained_image_size": cfg.data.image_size}}
     return predict_folder(loaded.model, sch, files, out,
-                          num_out_channels=loaded.num_out_channels, table=table, settings=settings, device=device, truth=truth_map,
+                          num_out_channels=loaded.num_out_channels, table=table,
+                          settings=settings, device=device, truth=truth_map,
                           truth_kind=truth_kind, meta=meta, hooks=hooks)
