@@ -317,8 +317,7 @@ class Trainer:
                     else:
                         patience_left -= 1
                 self.history.append(row)
-                self._progress(row, epoch, self.start_epoch + epochs, self._step,
-                               total_steps, t_start)
+                self._progress(row, epoch, epochs, self._step, total_steps, t_start)
                 if checkpoints and self.checkpoint_path is not None:
                     self._save(epoch, best=improved or not do_val)
             if do_val and tc.patience and patience_left <= 0 and not last:

@@ -1,0 +1,279 @@
+"""Results integrity under faults: one writer per folder, honest resume, every fault a row.
+
+Each test checks that no row is lost, duplicated or attributed to the wrong run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from segcore.config import ConfigError
+from segcore.sweep.jobs import child_env
+from segcore.sweep.rows import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = str(ROOT / "launch" / "sweep.py")
+TRAIN = str(ROOT / "launch" / "train.py")
+TINY = ["--image-size", "32", "--depths", "2", "--epochs", "1", "--warmup-steps", "1",
+        "--measure-steps", "4", "--train-arg=--synthetic-images=24"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return child_env({"SEGBENCH_CACHE": str(tmp_path_factory.mktemp("cache")),
+                      "SEGBENCH_DIE_WITH_PARENT": "0"})
+
+
+def start_sweep(args, env):
+    return subprocess.Popen([sys.executable, SWEEP, *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def run(cmd, env, timeout=300):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(pred, timeout=120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (d / "stat").read_text().split()[2]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def check_rows(out: Path, n: int, sweep_id: str | None = None) -> list[dict]:
+    rows = read_records(out)
+    ids = [r["run_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == n, ids
+    if sweep_id is not None:
+        assert {r["sweep_id"] for r in rows} == {sweep_id}
+    return rows
+
+
+@pytest.mark.multiproc
+def test_a_second_writer_is_refused_while_a_sweep_runs(tmp_path, env):
+    out = tmp_path / "s"
+    args = ["--gpus", "1", "--batch-sizes", "2,4", *TINY, "--out", str(out),
+            "--sweep-id", "first"]
+    first = start_sweep(args, env)
+    try:
+        assert wait_for(lambda: (out / "configs").is_dir()), first.communicate()
+        second = run([sys.executable, SWEEP, *args[:-2], "--sweep-id", "second"], env)
+        assert second.returncode == 2
+        assert "being written by another sweep (pid" in second.stderr
+        resumed = run([sys.executable, SWEEP, *args, "--resume"], env)
+        assert resumed.returncode == 2 and "another sweep" in resumed.stderr
+        assert "Traceback" not in second.stderr + resumed.stderr
+    finally:
+        stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    check_rows(out, 2, "first")
+
+
+@pytest.mark.multiproc
+def test_kill_9_of_the_driver_takes_its_job_along_and_resume_completes(tmp_path, env):
+    out = tmp_path / "k"
+    args = ["--gpus", "1", "--batch-sizes", "2", "--image-size", "32", "--depths", "2",
+            "--epochs", "1", "--warmup-steps", "1", "--measure-steps", "300",
+            "--train-arg=--synthetic-images=24", "--out", str(out)]
+    e = dict(env, SEGBENCH_DIE_WITH_PARENT="1")
+    driver = start_sweep(args + ["--sweep-id", "killed"], e)
+    logs = out / "logs"
+    assert wait_for(lambda: logs.is_dir() and any(
+        "data:" in p.read_text(errors="replace") for p in logs.glob("*.log"))), \
+        driver.communicate()
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # The torchrun agent and its worker die with the driver: no orphan keeps training
+    # (and keeps writing into the folder a resume is about to use).
+    assert wait_for(lambda: not processes_mentioning("--sweep-id killed"), 30), \
+        processes_mentioning("--sweep-id killed")
+    assert read_records(out) == []
+    # Another grid is refused, naming what differs ...
+    other = run([sys.executable, SWEEP, *args, "--resume", "--image-size", "64"], e)
+    assert other.returncode == 2 and "image_size: recorded 32, now 64" in other.stderr
+    # ... the same grid completes, under the folder's own sweep id.
+    res = run([sys.executable, SWEEP, *args, "--sweep-id", "new", "--resume"], e)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    (row,) = check_rows(out, 1, "killed")
+    assert row["status"] == "ok" and row["measured_steps"] == 300
+    commands = json.loads((out / "env.json").read_text())["commands"]
+    assert [c["resume"] for c in commands] == [False, True]
+
+
+@pytest.mark.multiproc
+def test_oom_and_killed_rank_become_oom_rows(tmp_path, env):
+    out = tmp_path / "o"
+    e = dict(env, SEGBENCH_FAULT="1:2:kill")
+    p = run([sys.executable, SWEEP, "--gpus", "2", "--batch-sizes", "2", *TINY,
+             "--out", str(out)], e)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (row,) = check_rows(out, 1)
+    assert row["status"] == "oom", row
+    assert "rank 1 was killed (SIGKILL), likely out of memory" in row["error"]
+    assert row["world_size"] == 2 and row["batch_size"] == 2 and row["params"] > 0
+
+
+def test_cpu_allocator_failure_is_exit_3_with_one_line(tmp_path, env):
+    e = dict(env, SEGBENCH_FAULT="0:2:oom")
+    p = run([sys.executable, TRAIN, "--image-size", "32", "--widths", "8,16",
+             "--synthetic-images", "24", "--mode", "throughput", "--steps", "3",
+             "--out", str(tmp_path / "r")], e)
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "error: out of memory: DefaultCPUAllocator: can't allocate memory" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_train_resume_continues_the_saved_configuration(tmp_path, env):
+    out = tmp_path / "r"
+    base = [sys.executable, TRAIN, "--image-size", "64", "--widths", "8,16",
+            "--synthetic-images", "24", "--batch-size", "2", "--mode", "accuracy",
+            "--out", str(out)]
+    p = run(base + ["--epochs", "1"], env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cfg_before = (out / "config.toml").read_text()
+    # Another batch size contradicts the run being resumed: refused by name, nothing
+    # in the folder rewritten.
+    p = run([sys.executable, TRAIN, "--resume", "--out", str(out), "--batch-size", "8"], env)
+    assert p.returncode == 2 and "train.local_batch_size: saved 2, asked 8" in p.stderr
+    assert (out / "config.toml").read_text() == cfg_before
+    # Only --out (and a longer budget): the saved configuration continues.
+    p = run([sys.executable, TRAIN, "--resume", "--out", str(out), "--epochs", "2"], env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming" in p.stdout and "epoch 2/2" in p.stdout
+    assert 'image_size = 64' in (out / "config.toml").read_text()
+    row = json.loads((out / "result.json").read_text())
+    assert row["image_size"] == 64 and row["batch_size"] == 2 and row["epochs"] == 2
+    # A truncated last.pt: resume falls back to the best checkpoint, and says so.
+    (out / "last.pt").write_bytes(b"")
+    p = run([sys.executable, TRAIN, "--resume", "--out", str(out), "--epochs", "3"], env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "last.pt cannot be read" in p.stdout and "checkpoint.pt instead" in p.stdout
+    # Both damaged: one line naming the files.
+    (out / "last.pt").write_bytes(b"")
+    (out / "checkpoint.pt").write_bytes(b"\x80junk")
+    p = run([sys.executable, TRAIN, "--resume", "--out", str(out)], env)
+    assert p.returncode == 2 and "no usable checkpoint" in p.stderr
+    assert "last.pt" in p.stderr and "checkpoint.pt" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--out", "FILE"], "is a file"),
+    (["--config", "BADTOML"], "is not valid TOML"),
+    (["--config", "WIDTHS"], "model.widths = '16,32' must be a list of whole numbers"),
+    (["--config", "HALFBATCH"], "train.local_batch_size = 2.5 must be a whole number"),
+    (["--lr", "inf"], "train.lr = inf must be a finite number"),
+    (["--target-miou", "2"], "train.target_miou = 2.0 must be a number from 0 to 1"),
+    (["--image-size", "4096", "--synthetic-images", "6"], "larger than every training image"),
+])
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, env, argv, words):
+    files = {"FILE": ("f.txt", "x"), "BADTOML": ("bad.toml", "[model\narch = 1"),
+             "WIDTHS": ("w.toml", '[model]\nwidths = "16,32"\n'),
+             "HALFBATCH": ("h.toml", "[train]\nlocal_batch_size = 2.5\n")}
+    args = []
+    for a in argv:
+        if a in files:
+            name, text = files[a]
+            (tmp_path / name).write_text(text)
+            a = str(tmp_path / name)
+        args.append(a)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "run")]
+    p = run([sys.executable, TRAIN, "--widths", "8,16", "--mode", "throughput", "--steps", "1",
+             *args], env, timeout=120)
+    assert p.returncode == 2, p.stdout[-1000:] + p.stderr[-2000:]
+    assert words in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "config.toml").exists()
+
+
+def test_sweep_out_is_a_file_and_resume_without_out(tmp_path, env):
+    f = tmp_path / "f.txt"
+    f.write_text("x")
+    p = run([sys.executable, SWEEP, "--gpus", "1", "--out", str(f)], env)
+    assert p.returncode == 2 and "is a file" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, SWEEP, "--resume"], env=env, capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and "no sweep folder under runs/sweeps" in p.stderr
+
+
+def test_full_disk_is_one_line_and_keeps_the_rows_written(tmp_path, monkeypatch):
+    """ENOSPC while recording the second row: the first row stays, the error says how to
+    continue, and no temp file is left behind."""
+    from segcore.sweep import driver, rows as rows_mod
+    from segcore.sweep.grid import SweepSpec
+
+    spec = SweepSpec(workers=[1], batch_sizes=[2, 4], depths=[2], engines=["ddp"],
+                     loaders=["torch"], precisions=["fp32"], channels_last=[True],
+                     image_size=32)
+
+    def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
+        (out / "result.json").write_text(json.dumps(
+            {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("ok")
+        return 0, False
+
+    real_write = rows_mod.write_text_atomic
+    calls = []
+
+    def full_disk(path, text):
+        if Path(path).name == "runs.jsonl":
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, text)
+
+    monkeypatch.setattr(driver, "run_job", fake_job)
+    monkeypatch.setattr(rows_mod, "write_text_atomic", full_disk)
+    with pytest.raises(ConfigError, match="no space left.*rows recorded before .* kept"):
+        driver.run_sweep(spec, tmp_path / "s", "sid", log=lambda m: None, argv=["x"])
+    assert [r["run_id"] for r in read_records(tmp_path / "s")] == ["w1-six-u1632-b2-ddp-torch-fp32-cl"]
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+
+
+def test_checkpoint_write_failure_leaves_the_old_one_and_no_temp_file(tmp_path, monkeypatch):
+    import torch
+
+    from segcore.train import checkpoint
+
+    path = tmp_path / "last.pt"
+    state = {"config": {}, "engine": {"model": {"w": torch.ones(2)}}}
+    checkpoint.save_checkpoint(state, path)
+
+    def no_space(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint({"config": {}, "engine": {"model": {}}}, path)
+    assert checkpoint.load_checkpoint(path)["engine"]["model"]["w"].sum() == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
