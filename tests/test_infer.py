@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from segcore.config import ModelConfig
-from segcore.predict.tiles import predict_image, predict_tiled, tile_grid, window_2d
+from segcore.metrics import logits_to_pred
 from segcore.model.unet import build_model
+from segcore.predict.tiles import (blend_tiles, logits_to_classes, predict_image,
+                                   predict_tiled, tile_grid, window_2d)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,6 +201,36 @@ def test_predict_image_multiclass_and_binary():
     cls, p = predict_image(binary, image, 1, tile=32, threshold=0.7, return_probs=True)
     assert p.shape == (1, 70, 90)
     assert torch.equal(cls, (torch.sigmoid(image[0]) > 0.7).to(torch.uint8))
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_logits_to_classes_is_logits_to_pred_in_row_chunks(channels):
+    """600 rows span three 256-row chunks; the map is metrics.logits_to_pred's, as uint8."""
+    logits = torch.randn(channels, 600, 7, generator=torch.Generator().manual_seed(6))
+    got = logits_to_classes(logits, threshold=0.3)
+    assert got.dtype == torch.uint8 and got.shape == (600, 7)
+    assert torch.equal(got.long(), logits_to_pred(logits[None], threshold=0.3)[0])
+    with pytest.raises(ValueError, match="uint8"):
+        logits_to_classes(torch.zeros(257, 2, 2))
+
+
+def test_transform_runs_on_each_batch_on_the_device():
+    """A uint8 image with a transform gives what the pre-transformed float image gives."""
+    raw = torch.randint(0, 256, (3, 70, 90), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(7))
+    model = three_conv()
+    seen = []
+
+    def scale(batch):
+        seen.append(batch.dtype)
+        return batch.float() / 255.0
+
+    got = blend_tiles(model, raw, 6, tile=32, batch_size=3, device="cpu", transform=scale)
+    assert set(seen) == {torch.uint8}
+    torch.testing.assert_close(got, predict_tiled(model, raw.float() / 255.0, 6, tile=32),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="float"):
+        blend_tiles(model, raw, 6, tile=32)  # uint8 without a transform
 
 
 def test_options_channels_last_and_autocast():
