@@ -5,9 +5,11 @@
 
 One folder: re-analyses runs.jsonl (speedup, confidence flags, best configurations:
 segcore/sweep/analysis.py) and rewrites <folder>/plots/*.png and <folder>/report.md
-(runs.jsonl and runs.csv are only read); prints one summary line per folder. Several folders: writes the
-comparison figures (one colour per folder) and compare.md into --out (default
-./compare). Exit status: 0 done, 2 bad arguments (a missing folder, no runs.jsonl).
+(runs.jsonl and runs.csv are only read). Several folders: writes the comparison
+figures (one colour per folder) and compare.md into --out (default ./compare). Either
+way it prints one summary line per folder (runs ok, low-confidence runs by flag, the
+highest throughput we can stand behind). Exit status: 0 done, 2 bad arguments (a
+missing folder, no runs.jsonl).
 """
 
 from __future__ import annotations

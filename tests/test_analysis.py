@@ -40,13 +40,15 @@ def test_frame_cleans_types():
         row("b", throughput_img_s="n/a", status="failed", channels_last=False),
     ]))
     assert d["world_size"].tolist() == [2.0, 1.0]
-    assert d["throughput_img_s"].iloc[0] == 12.5 and math.isnan(d["throughput_img_s"].iloc[1])
+    assert d["throughput_img_s"].iloc[0] == 12.5
+    assert math.isnan(d["throughput_img_s"].iloc[1])
     assert d["channels_last"].tolist() == [True, False]
     assert d["widths"].iloc[0] == "16-32-64-128"
     assert d["depth"].iloc[0] == 4.0  # filled from widths
     assert d["ok"].tolist() == [True, False]
     # Optional columns a reader may ask for exist even when the table lacks them.
-    for c in ("throughput_ci95_pct", "hw_parallel_limit", "mem_workload_mb", *A.DERIVED_COLUMNS):
+    for c in ("throughput_ci95_pct", "hw_parallel_limit", "mem_workload_mb",
+              *A.DERIVED_COLUMNS):
         assert c in d
 
 
@@ -54,7 +56,8 @@ def test_frame_empty_and_idempotent():
     for empty in (None, pd.DataFrame()):
         d = A.frame(empty)
         assert len(d) == 0 and set(A.DERIVED_COLUMNS) <= set(d.columns)
-    d = analysed(row("w1"), row("w2", world_size=2, throughput_img_s=19.0, measured_steps=5))
+    d = analysed(row("w1"),
+                 row("w2", world_size=2, throughput_img_s=19.0, measured_steps=5))
     again = A.frame(d)
     pd.testing.assert_series_equal(again["speedup"], d["speedup"].reset_index(drop=True))
     assert again["flags"].tolist() == d["flags"].tolist()
@@ -72,7 +75,8 @@ def test_speedup_and_efficiency_exact():
     assert d.loc[["w1", "w2", "w4"], "scaling_efficiency"].tolist() == pytest.approx(
         [1.0, 0.95, 0.9])
     # Batch 8 has no 1-worker row; a failed row has no throughput.
-    assert math.isnan(d.loc["other-w2", "speedup"]) and math.isnan(d.loc["failed-w2", "speedup"])
+    assert math.isnan(d.loc["other-w2", "speedup"])
+    assert math.isnan(d.loc["failed-w2", "speedup"])
 
 
 def test_speedup_baseline_is_median_of_repeats():
@@ -109,8 +113,8 @@ def test_families_strong_scaling_nodes_lr_rule():
 
 
 def test_hardware_ceiling():
-    d = analysed(*(row(f"w{w}", world_size=w, hw_parallel_limit=2, throughput_img_s=10.0 * w)
-                   for w in (1, 2, 4)),
+    d = analysed(*(row(f"w{w}", world_size=w, hw_parallel_limit=2,
+                       throughput_img_s=10.0 * w) for w in (1, 2, 4)),
                  row("unknown", world_size=2, batch_size=8))
     assert d.loc[["w1", "w2", "w4"], "hw_ceiling_speedup"].tolist() == [1.0, 2.0, 2.0]
     assert math.isnan(d.loc["unknown", "hw_ceiling_speedup"])
@@ -213,8 +217,8 @@ def test_flags_list_every_reason_in_order_and_only_ok_rows():
     d = analysed(row("x", mode="both", mIoU=0.01, measured_steps=3, oversubscribed=True,
                      precision_emulated=True, throughput_ci95_pct=50.0),
                  row("failed", status="failed", measured_steps=1, oversubscribed=True))
-    assert d.loc["x", "flags"] == ("few-steps, wide-ci, oversubscribed, emulated-precision, "
-                                   "not-converged")
+    assert d.loc["x", "flags"] == ("few-steps, wide-ci, oversubscribed, "
+                                   "emulated-precision, not-converged")
     assert d["low_confidence"].tolist() == [True, False]
     assert d.loc["failed", "flags"] == ""
 
@@ -228,7 +232,8 @@ def test_baseline_low_confidence():
 def test_memory_prefers_the_workload_figure():
     d = analysed(row("new", peak_mem_mb=700.0, mem_workload_mb=80.0,
                      peak_mem_source="host_peak_rss"),
-                 row("old", batch_size=8, peak_mem_mb=650.0, peak_mem_source="host_peak_rss"),
+                 row("old", batch_size=8, peak_mem_mb=650.0,
+                     peak_mem_source="host_peak_rss"),
                  row("none", batch_size=16))
     assert d["memory_mb"].tolist()[:2] == [80.0, 650.0]
     assert d["memory_source"].tolist() == ["workload", "host_peak_rss", None]
@@ -253,8 +258,9 @@ def test_pareto_front_keeps_flagged_runs_off():
 
 
 def test_configurations_reduce_repeats_to_median():
+    runs = ((10.0, 500.0), (10.4, 520.0), (10.2, 560.0))
     d = analysed(*(row(f"r{i}", repeat=i, throughput_img_s=t, peak_mem_mb=m)
-                   for i, (t, m) in enumerate(((10.0, 500.0), (10.4, 520.0), (10.2, 560.0)))),
+                   for i, (t, m) in enumerate(runs)),
                  row("other", batch_size=8, measured_steps=3))
     conf = A.configurations(d)
     assert len(conf) == 2

@@ -4,7 +4,6 @@ on the committed results folders."""
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
 import statistics
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 from PIL import Image
 
 from segcore.io import write_json_atomic
-from segcore.sweep import analysis, labels, plots, report
+from segcore.sweep import analysis, labels, panels, plots, report
 from segcore.sweep.rows import append_row, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ def ok_row(run_id: str, **kw) -> dict:
          "channels_last": True, "compile": False, "world_size": 1, "nnodes": 1,
          "device_type": "cpu", "device_name": "Test CPU", "batch_size": 4,
          "arch": "modern", "depth": 3, "widths": "16-32-64", "image_size": 64,
-         "class_scheme": "six", "num_classes": 6, "mode": "both", "strong_scaling": False,
+         "class_scheme": "six", "num_classes": 6, "mode": "throughput", "strong_scaling": False,
          "throughput_img_s": 10.0, "peak_mem_source": "host_peak_rss"}
     r.update(kw)
     r.setdefault("global_batch_size", r["batch_size"] * r["world_size"])
@@ -344,3 +343,194 @@ def test_launch_plot_errors(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
     assert ("no such folder" if case == "missing" else "no runs.jsonl") in err
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict[str, object]:
+    """Every figure drawn, by PNG stem, kept for inspection instead of only saved."""
+    kept: dict[str, object] = {}
+    save = panels.save
+
+    def keep(fig, path):
+        kept[Path(path).stem] = fig
+        save(fig, path)
+
+    # Both the panel grids (panels.render) and the Pareto figure save through it.
+    monkeypatch.setattr(panels, "save", keep)
+    monkeypatch.setattr(plots, "save", keep)
+    return kept
+
+
+def axes_lines(fig) -> list:
+    return [ln for ax in fig.axes for ln in ax.get_lines()]
+
+
+def hollow_points(fig) -> int:
+    from matplotlib.colors import to_rgba
+
+    return sum(len(ln.get_xdata()) for ln in axes_lines(fig)
+               if ln.get_marker() not in (None, "None", "")
+               and to_rgba(ln.get_markerfacecolor()) == to_rgba("white"))
+
+
+def scaling_rows(**w4) -> list[dict]:
+    rows = [ok_row("w1", throughput_img_s=10.0, measured_steps=40),
+            ok_row("w2", world_size=2, throughput_img_s=19.0, measured_steps=40)]
+    rows.append(ok_row("w4", world_size=4, throughput_img_s=20.0, **w4))
+    return rows
+
+
+def test_low_confidence_points_are_hollow(tmp_path, figures):
+    plots.plot_speedup(pd.DataFrame(scaling_rows(measured_steps=3)),
+                       tmp_path / "speedup.png")
+    fig = figures["speedup"]
+    assert hollow_points(fig) == 1
+    assert any(t.get_text() == panels.HOLLOW for t in fig.axes[0].get_legend().get_texts())
+    plots.plot_speedup(pd.DataFrame(scaling_rows(measured_steps=40)),
+                       tmp_path / "speedup.png")
+    assert hollow_points(figures["speedup"]) == 0
+
+
+def test_speedup_draws_ideal_and_hardware_ceiling(tmp_path, figures):
+    rows = [dict(r, hw_parallel_limit=2) for r in scaling_rows(oversubscribed=True)]
+    plots.plot_speedup(pd.DataFrame(rows), tmp_path / "speedup.png")
+    plots.plot_efficiency(pd.DataFrame(rows), tmp_path / "efficiency.png")
+    lines = axes_lines(figures["speedup"])
+    ideal = [ln for ln in lines if ln.get_linestyle() == "--"]
+    ceiling = [ln for ln in lines if ln.get_color() == plots._CEILING_COLOUR]
+    assert list(ideal[0].get_ydata()) == [1, 4]
+    assert list(ceiling[0].get_xdata()) == [1, 2, 4]
+    assert list(ceiling[0].get_ydata()) == [1, 2, 2]
+    eff = [ln for ln in axes_lines(figures["efficiency"])
+           if ln.get_color() == plots._CEILING_COLOUR]
+    assert list(eff[0].get_ydata()) == [100, 100, 50]
+    # Without the column there is no ceiling line.
+    plots.plot_speedup(pd.DataFrame(scaling_rows()), tmp_path / "speedup.png")
+    assert not [ln for ln in axes_lines(figures["speedup"])
+                if ln.get_color() == plots._CEILING_COLOUR]
+
+
+def error_bars(fig) -> list[tuple[float, float]]:
+    """(low, high) of every vertical error bar drawn."""
+    out = []
+    for ax in fig.axes:
+        for coll in ax.collections:
+            for seg in coll.get_segments():
+                out.append((float(seg[:, 1].min()), float(seg[:, 1].max())))
+    return sorted(out)
+
+
+def test_error_bars_from_confidence_intervals(tmp_path, figures):
+    rows = [ok_row(f"b{b}", batch_size=b, throughput_img_s=t, throughput_ci95_lo=t - 1,
+                   throughput_ci95_hi=t + 2, measured_steps=40)
+            for b, t in ((4, 10.0), (8, 16.0))]
+    plots.plot_throughput_vs_batch(pd.DataFrame(rows), tmp_path / "tp.png")
+    assert error_bars(figures["tp"]) == [(9.0, 12.0), (15.0, 18.0)]
+    for r in rows:
+        del r["throughput_ci95_lo"], r["throughput_ci95_hi"]
+    plots.plot_throughput_vs_batch(pd.DataFrame(rows), tmp_path / "tp.png")
+    assert error_bars(figures["tp"]) == []  # no CI, no repeats: no bar
+
+
+def test_memory_plot_uses_the_workload_figure(tmp_path, figures):
+    rows = [ok_row(f"b{b}", batch_size=b, peak_mem_mb=650.0 + b, mem_workload_mb=10.0 * b,
+                   measured_steps=40) for b in (4, 8)]
+    res = plots.plot_memory(pd.DataFrame(rows), tmp_path / "memory.png")
+    assert res.note is None
+    ys = sorted({float(y) for ln in axes_lines(figures["memory"]) for y in ln.get_ydata()})
+    assert ys == [40.0, 80.0]
+    assert "workload" in figures["memory"]._suptitle.get_text()
+    for r in rows:
+        del r["mem_workload_mb"]
+    plots.plot_memory(pd.DataFrame(rows), tmp_path / "memory.png")
+    ys = sorted({float(y) for ln in axes_lines(figures["memory"]) for y in ln.get_ydata()})
+    assert ys == [654.0, 658.0]
+
+
+def test_pareto_front_leaves_flagged_runs_off(tmp_path, figures):
+    rows = [ok_row("slow-good", mode="both", batch_size=4, mIoU=0.6, train_time_s=20.0,
+                   measured_steps=40),
+            ok_row("fast-ok", mode="both", batch_size=8, mIoU=0.5, train_time_s=10.0,
+                   measured_steps=40),
+            # Fastest and most accurate, but on 5 steps: hollow, not on the front.
+            ok_row("fast-flagged", mode="both", batch_size=16, mIoU=0.7, train_time_s=5.0,
+                   measured_steps=5)]
+    plots.plot_pareto(pd.DataFrame(rows), tmp_path / "pareto.png")
+    ax = figures["pareto"].axes[0]
+    step = [ln for ln in ax.get_lines() if ln.get_drawstyle() == "steps-post"]
+    assert list(step[0].get_xdata()) == [10.0, 20.0]
+    hollow = [c for c in ax.collections if len(c.get_offsets()) and len(c.get_facecolor())
+              and tuple(c.get_facecolor()[0][:3]) == (1, 1, 1)]
+    assert [tuple(c.get_offsets()[0]) for c in hollow] == [(5.0, 0.7)]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_report_ci_ceiling_caveats_and_accuracy(tmp_path):
+    folder = tmp_path / "new"
+    rows = [ok_row("w1", mode="both", hw_parallel_limit=2, throughput_ci95_pct=2.0,
+                   measured_steps=40, mIoU=0.62, steps=34, samples_seen=136, lr=0.003,
+                   base_lr=0.003, lr_scaling="linear", train_time_s=5.0,
+                   time_to_target_s=5.0, target_miou=0.6),
+            ok_row("w2", world_size=2, mode="both", hw_parallel_limit=2,
+                   throughput_img_s=19.0, throughput_ci95_pct=2.0, measured_steps=40,
+                   mIoU=0.61, steps=17, samples_seen=136, lr=0.006, base_lr=0.003,
+                   lr_scaling="linear", train_time_s=3.0, time_to_target_s=2.5,
+                   target_miou=0.6),
+            ok_row("w4", world_size=4, mode="both", hw_parallel_limit=2,
+                   oversubscribed=True, throughput_img_s=21.0, throughput_ci95_pct=2.0,
+                   measured_steps=40, mIoU=0.1, steps=9, samples_seen=136, lr=0.012,
+                   base_lr=0.003, lr_scaling="linear", train_time_s=4.0,
+                   target_miou=0.6)]
+    write_rows(folder, rows)
+    fake_env(folder)
+    text = report.write_report(folder).read_text()
+    results = text.split("## Results")[1].split("## Accuracy")[0]
+    # The caveats sit between the section's text and its table.
+    before_table = results.split("| ")[0]
+    assert "> ⚠ CPU host" in before_table and "> ⚠ 1 run oversubscribed" in before_table
+    assert re.search(r"\|\s+95 % CI \|", results) and "|  9.8–10.2 |" in results
+    assert "| lr " not in results  # only the scaling rule varies lr: not a column
+    # speedup | hw ceiling | efficiency
+    assert re.search(r"\|\s+1\.90×\s+\|\s+2×\s+\|\s+95 %\s+\|", results)
+    assert "⚠ oversubscribed, not-converged" in results
+    accuracy = text.split("## Accuracy")[1].split("## Low-confidence")[0]
+    assert ("**Budget (samples seen): 1 worker: 136 samples in 34 steps at lr 0.003; "
+            "2 workers: 136 samples in 17 steps at lr 0.006; 4 workers: 136 samples in 9 "
+            "steps at lr 0.012. lr rule: linear.**") in accuracy
+    assert "> ⚠ 1 run did not converge" in accuracy
+    assert "without an lr scaling rule" not in accuracy
+    # time to target | quality speedup
+    assert re.search(r"\|\s+2\.5\s+\|\s+2\.00×\s+\|", accuracy)
+    flagged = text.split("## Low-confidence figures")[1].split("## Failed")[0]
+    assert "| w4 " in flagged and "| w2 " not in flagged
+
+
+# --------------------------------------------------------------------------- committed
+
+
+COMMITTED = sorted(p.parent for p in (ROOT / "results").glob("*/runs.jsonl"))
+
+
+@pytest.mark.parametrize("folder", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_committed_results_still_redraw(folder, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / folder.name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("plots", "report.md"))
+    before = (copy / "runs.jsonl").read_bytes()
+    assert load_launcher().main([str(copy)]) == 0
+    assert (copy / "runs.jsonl").read_bytes() == before
+    for name in PNGS:
+        assert_png(copy / "plots" / name)
+    text = (copy / "report.md").read_text()
+    assert "figure failed" not in text
+    for header in ("## Best configuration per objective", "## Results",
+                   "## Low-confidence figures"):
+        assert header in text
+    out = capsys.readouterr().out
+    assert f"{copy}: " in out and "low-confidence" in out

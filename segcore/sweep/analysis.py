@@ -63,7 +63,8 @@ import pandas as pd
 __all__ = [
     "MIN_MEASURED_STEPS", "CI_LIMIT_PCT", "FLAGS", "FAMILY_COLUMNS",
     "OPTIONAL_FAMILY_COLUMNS", "NUMERIC_COLUMNS", "ANNOTATION_COLUMNS", "DERIVED_COLUMNS",
-    "Best", "analysed", "norm", "truthy", "sort_key", "family_columns", "family_keys", "frame",
+    "Best", "analysed", "norm", "truthy", "sort_key", "family_columns", "family_keys",
+    "frame",
     "annotate", "configurations", "best_per_objective", "pareto_front", "caveats",
     "is_cpu", "read_env", "sample_budget", "accuracy_budget",
 ]
@@ -414,7 +415,9 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def analysed(df: pd.DataFrame | None) -> pd.DataFrame:
     """``df`` itself when it is already an analysed frame, else :func:`frame` of it."""
-    return df if df is not None and all(c in df.columns for c in DERIVED_COLUMNS) else frame(df)
+    if df is not None and all(c in df.columns for c in DERIVED_COLUMNS):
+        return df
+    return frame(df)
 
 
 def configurations(df: pd.DataFrame) -> pd.DataFrame:
@@ -666,8 +669,8 @@ def _accuracy_caveats(d: pd.DataFrame) -> list[str]:
                    "parallelism (Goyal et al. 2017 scale the lr linearly with the global "
                    "batch, with warm-up: --lr-scaling linear).")
     budget, _ = sample_budget(cross)
-    spread = budget.groupby(cross["family"], sort=False).agg(lambda b: (b.max() - b.min()) / b.max()
-                                                 if b.notna().any() else 0.0)
+    spread = budget.groupby(cross["family"], sort=False).agg(
+        lambda b: (b.max() - b.min()) / b.max() if b.notna().any() else 0.0)
     if (spread > _BUDGET_TOLERANCE).any():
         out.append("Accuracy is compared across worker counts at sample budgets that "
                    f"differ by more than {_BUDGET_TOLERANCE:.0%} within a configuration: "
@@ -702,9 +705,9 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
                       + (f" ({ceil}×)" if ceil else "") + ", not the worker count."))
     emu = ok["flags"].str.contains("emulated-precision")
     if emu.any():
-        items.append(({"speed"}, f"{_count(emu, 'ran a precision this hardware only emulates')} "
-                      f"({_fmt_set(ok.loc[emu, 'precision'])}): their timings measure the "
-                      "emulation, not the precision."))
+        what = _count(emu, "ran a precision this hardware only emulates")
+        items.append(({"speed"}, f"{what} ({_fmt_set(ok.loc[emu, 'precision'])}): their "
+                      "timings measure the emulation, not the precision."))
     speed_flags = ok["flags"].str.contains("few-steps|wide-ci")
     if speed_flags.any():
         items.append(({"speed"}, f"{_count(speed_flags, 'rest on too few samples')} "

@@ -2,16 +2,15 @@
 
 A configuration is named by the values that differ between the rows shown (``"deepspeed
 ZeRO-2, bf16, batch 16, 4 workers"``), never by what every row shares. Figures map
-those differing values to panels, colours and line styles (:func:`encode`), outermost
-dimension first (:data:`DIM_ORDER`). Also the one-line context under every figure title
-and the short names of results folders in a comparison.
+those differing values to panels, colours and line styles (:mod:`segcore.sweep.panels`),
+outermost dimension first (:data:`DIM_ORDER`). Also the one-line context under every
+figure title and the short names of results folders in a comparison.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -19,23 +18,13 @@ from segcore.host import hardware_tag
 from segcore.sweep.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
                                     read_env)
 
-__all__ = ["DIM_ORDER", "SOURCE", "MAX_LINES", "Keyed", "piece", "describe_keys",
-           "describe_rows", "dim_rank", "Encoding", "encode", "palette",
-           "folder_constant", "describe_context", "folder_labels", "seconds"]
+__all__ = ["DIM_ORDER", "piece", "describe_keys", "describe_rows", "default_label",
+           "dim_rank", "describe_context", "folder_labels", "seconds"]
 
 # Columns redundant with others in most sweeps (widths follow depth, params follow
 # widths and classes): dropped from a label when the labels stay distinct without them.
-_LINESTYLES = ("-", "--", "-.", ":")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _REDUNDANT = ("params", "num_classes", "widths", "device_type", "device_name", "mode",
               "strong_scaling")
-
-
-class Keyed(Protocol):
-    """A drawn line: its folder (index into the sources) and configuration key."""
-
-    source: int
-    key: tuple
 
 
 # Outermost first: facets (one panel per value) are taken from the front, colours and
@@ -44,13 +33,9 @@ class Keyed(Protocol):
 DIM_ORDER = (
     "device_name", "device_type", "class_scheme", "num_classes", "mode", "strong_scaling",
     "engine", "loader", "precision", "channels_last", "compile", "arch", "norm",
-    "image_size", "lr_scaling", "lr", "augment", "optimizer", "loss", "class_weights", "grad_accum",
-    "params", "widths", "depth", "batch_size", "world_size",
+    "image_size", "lr_scaling", "lr", "augment", "optimizer", "loss", "class_weights",
+    "grad_accum", "params", "widths", "depth", "batch_size", "world_size",
 )
-SOURCE = "__source__"  # the folder a line comes from, when comparing folders
-MAX_LINES = 9  # lines per panel before the figure is split into panels
-MAX_COMPARE_STYLES = 4  # line styles per panel when colour tells the folders apart
-MAX_PANELS = 12
 
 
 def piece(col: str, v: Any, key: dict[str, Any]) -> str:
@@ -135,10 +120,11 @@ def describe_rows(df: pd.DataFrame, columns: Sequence[str] | None = None,
     """
     d = analysed(df)
     cols = list(columns) if columns is not None else family_columns(d) + ["world_size"]
-    return [", ".join(x.values()) for x in describe_keys(family_keys(d, cols), cols, always)]
+    keys = family_keys(d, cols)
+    return [", ".join(x.values()) for x in describe_keys(keys, cols, always)]
 
 
-def _default_label(key: tuple, cols: Sequence[str]) -> str:
+def default_label(key: tuple, cols: Sequence[str]) -> str:
     """What a lone line is, when nothing varies to tell it from others."""
     kd = dict(zip(cols, key))
     parts = [piece(c, kd[c], kd) for c in ("engine", "precision", "batch_size", "depth",
@@ -150,137 +136,6 @@ def _default_label(key: tuple, cols: Sequence[str]) -> str:
 def dim_rank(col: str) -> int:
     # Unknown (user-given) columns sit between the engine-like and the size-like ones.
     return DIM_ORDER.index(col) if col in DIM_ORDER else DIM_ORDER.index("image_size")
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-@dataclass
-class Encoding:
-    """How lines map to panels, colours and line styles."""
-
-    facets: list[str]
-    colour: str | None
-    styles: list[str]
-    desc: list[dict[str, str]]  # per line: column -> text (incl. SOURCE)
-    panels: list[tuple[str, ...]]  # facet values, in drawing order
-    colour_of: dict[str, Any]
-    style_of: dict[tuple[str, ...], tuple[str, str]]
-    default: str | None  # the label of a lone line when nothing varies
-
-    def panel(self, i: int) -> int:
-        return self.panels.index(tuple(self.desc[i][c] for c in self.facets))
-
-    def line_style(self, i: int) -> tuple[Any, str, str, float]:
-        """Colour, dash, marker and width of line ``i``."""
-        d = self.desc[i]
-        colour = self.colour_of[d[self.colour]] if self.colour else palette(1)[0]
-        style = self.style_of.get(tuple(d[c] for c in self.styles), ("-", "o"))
-        # Earlier colours are drawn wider, so a line hidden under an identical one
-        # (DDP memory at 1, 2 and 4 workers) still shows as a coloured rim.
-        n = len(self.colour_of)
-        rank = list(self.colour_of).index(d[self.colour]) if self.colour else 0
-        width = 1.4 + (1.1 * (n - 1 - rank) / (n - 1) if n > 1 else 0.0)
-        return colour, style[0], style[1], width
-
-    def legend(self) -> tuple[list, list[str]]:
-        from matplotlib.lines import Line2D
-
-        handles, labels = [], []
-        if self.colour is None:
-            handles.append(Line2D([], [], color=palette(1)[0], marker="o"))
-            labels.append(self.default or "all runs")
-        for text, colour in self.colour_of.items():
-            # Colour swatches are solid lines without markers when styles carry meaning,
-            # so the two halves of the legend read independently.
-            handles.append(Line2D([], [], color=colour, linewidth=3 if self.styles else 1.6,
-                                  marker=None if self.styles else "o"))
-            labels.append(text)
-        for values, (ls, marker) in self.style_of.items():
-            handles.append(Line2D([], [], color="0.3", linestyle=ls, marker=marker))
-            labels.append(", ".join(values))
-        return handles, labels
-
-
-def encode(lines: Sequence[Keyed], key_cols: Sequence[str],
-            sources: list[tuple[str | None, pd.DataFrame]]) -> Encoding:
-    """Choose panels, colours and line styles for ``lines`` so that each panel holds at
-    most :data:`MAX_LINES` lines where possible (:data:`MAX_COMPARE_STYLES` per folder
-    when comparing), and every line is identified by its colour (the innermost varying
-    dimension, or the folder) and line style (the others)."""
-    keys = [ln.key for ln in lines]
-    # Every line needs a value for every dimension to be placed in a panel and styled.
-    desc = describe_keys(keys, key_cols, skip_missing=False)
-    multi = len(sources) > 1
-    if multi:
-        for d, ln in zip(desc, lines):
-            d[SOURCE] = str(sources[ln.source][0])
-    shown = [c for c in (desc[0] if desc else {}) if c != SOURCE]
-    if multi:
-        # What is constant within each folder (its device) is said by the folder's
-        # colour; naming it again would also split the folders into separate panels.
-        const = {key_cols[i] for i in folder_constant(lines, key_cols)}
-        shown = [c for c in shown if c not in const]
-    inner = sorted(shown, key=dim_rank, reverse=True)
-    facets: list[str] = []
-    budget = MAX_COMPARE_STYLES if multi else MAX_LINES
-
-    def per_panel(fs: list[str]) -> tuple[int, int]:
-        """(panels, most lines in one panel, not counting folders) with facets ``fs``."""
-        rest = [c for c in inner if c not in fs]
-        panels: dict[tuple, set] = {}
-        for d in desc:
-            panels.setdefault(tuple(d[c] for c in fs), set()).add(tuple(d[c] for c in rest))
-        return len(panels), max((len(v) for v in panels.values()), default=0)
-
-    for c in sorted(shown, key=dim_rank):  # outermost first
-        if per_panel(facets)[1] <= budget:
-            break
-        if per_panel(facets + [c])[0] <= MAX_PANELS:
-            facets.append(c)
-    # A dimension constant within every panel (precision when each engine ran in one
-    # precision) belongs in the panel title, not in the line styles.
-    for c in [c for c in inner if c not in facets]:
-        values: dict[tuple, set] = {}
-        for d in desc:
-            values.setdefault(tuple(d[f] for f in facets), set()).add(d[c])
-        if facets and all(len(v) == 1 for v in values.values()):
-            facets.append(c)
-    facets.sort(key=dim_rank)
-    dims = ([SOURCE] if multi else []) + [c for c in inner if c not in facets]
-    colour = dims[0] if dims else None
-    styles = sorted(dims[1:], key=dim_rank)  # legend text in reading order: ddp, fp32
-    panels = list(dict.fromkeys(tuple(d[c] for c in facets) for d in desc))
-    colour_values = list(dict.fromkeys(d[colour] for d in desc)) if colour else []
-    style_values = list(dict.fromkeys(tuple(d[c] for c in styles) for d in desc)) \
-        if styles else []
-    colours = palette(len(colour_values))
-    # Marker and dash change together, so that up to 8 style values stay distinct.
-    combos = [(_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)])
-              for i in range(len(style_values))]
-    default = _default_label(keys[0], key_cols) if keys and not shown and not multi \
-        else None
-    return Encoding(facets, colour, styles, desc, panels,
-                     dict(zip(colour_values, colours)), dict(zip(style_values, combos)),
-                     default)
-
-
-def palette(n: int) -> list:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(max(n, 1))]
-
-
-def folder_constant(lines: Sequence[Keyed], key_cols: Sequence[str]) -> set[int]:
-    """Indices of the key columns constant within each folder (its device name)."""
-    values: dict[tuple[int, int], set] = {}
-    for ln in lines:
-        for i, v in enumerate(ln.key):
-            values.setdefault((i, ln.source), set()).add(v)
-    return {i for i in range(len(key_cols))
-            if all(len(v) == 1 for (j, _), v in values.items() if j == i)}
-
 
 
 # --------------------------------------------------------------------------- context
@@ -348,8 +203,6 @@ def folder_labels(folders: Sequence[str | Path]) -> list[str]:
             return labels
     # Same folder name twice (e.g. two checkouts' results/latest): number them.
     return [f"{lab} #{i + 1}" for i, lab in enumerate(build(2))]
-
-
 
 
 def seconds(t: float) -> str:

@@ -22,7 +22,7 @@ so no backend or global figure state is touched.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -30,14 +30,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter
 
 from segcore.fmt import fmt
 from segcore.sweep import analysis
 from segcore.sweep.analysis import family_keys, norm, read_env, sort_key, truthy
-from segcore.sweep.labels import (Encoding, describe_context, describe_keys,
-                                  encode, folder_constant, folder_labels, palette, piece,
+from segcore.sweep.labels import (describe_context, describe_keys, folder_labels, piece,
                                   seconds)
+from segcore.sweep.panels import (HOLLOW, Group, Line, Metric, grid, palette, render, save,
+                                  suptitle)
 from segcore.sweep.rows import read_rows
 
 __all__ = [
@@ -56,12 +57,8 @@ PLOT_TITLES = {
     "accuracy_vs_depth": "Validation accuracy vs U-Net depth",
     "pareto": "Accuracy vs training time (Pareto front)",
 }
-_DPI = 110
-_HOLLOW = "hollow marker: low confidence (see report)"
 
 Sources = Union[pd.DataFrame, Sequence[tuple[str, pd.DataFrame]]]
-
-
 
 
 @dataclass(frozen=True)
@@ -80,23 +77,7 @@ class PlotResult:
     note: str | None = None
 
 
-
 # --------------------------------------------------------------------------- collecting
-
-
-@dataclass
-class _Line:
-    """One family's points: x, the median y, its bar (repeats and CIs), whether any row
-    behind a point is low-confidence, and the node count (multi-node runs)."""
-
-    source: int
-    key: tuple
-    x: np.ndarray
-    y: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    weak: np.ndarray
-    nodes: np.ndarray
 
 
 def _sources(data: Sources) -> list[tuple[str | None, pd.DataFrame]]:
@@ -107,7 +88,7 @@ def _sources(data: Sources) -> list[tuple[str | None, pd.DataFrame]]:
 
 def _collect(sources: list[tuple[str | None, pd.DataFrame]], x: str, y: str,
              key_cols: Sequence[str], scale: float = 1.0, ci: str | None = None
-             ) -> list[_Line]:
+             ) -> list[Line]:
     """Median ``y`` per ``x``, one line per source and key; ok rows with finite x and y
     only. The bar spans the repeats' values and, with ``ci``, the columns ``<ci>_lo``
     and ``<ci>_hi`` of every repeat."""
@@ -124,12 +105,12 @@ def _collect(sources: list[tuple[str | None, pd.DataFrame]], x: str, y: str,
             if ci is not None:
                 lo = np.fmin(lo, by_x[f"{ci}_lo"].min().reindex(agg.index))
                 hi = np.fmax(hi, by_x[f"{ci}_hi"].max().reindex(agg.index))
-            lines.append(_Line(si, k, agg.index.to_numpy(float),
-                               agg["median"].to_numpy(float) * scale,
-                               lo.to_numpy(float) * scale, hi.to_numpy(float) * scale,
-                               by_x["low_confidence"].any().reindex(agg.index)
-                               .to_numpy(bool),
-                               by_x["nnodes"].max().reindex(agg.index).to_numpy(float)))
+            lines.append(Line(si, k, agg.index.to_numpy(float),
+                              agg["median"].to_numpy(float) * scale,
+                              lo.to_numpy(float) * scale, hi.to_numpy(float) * scale,
+                              by_x["low_confidence"].any().reindex(agg.index)
+                              .to_numpy(bool),
+                              by_x["nnodes"].max().reindex(agg.index).to_numpy(float)))
     lines.sort(key=lambda ln: (ln.source, sort_key(ln.key)))
     return lines
 
@@ -146,225 +127,14 @@ def _all_family_cols(sources: list[tuple[str | None, pd.DataFrame]]) -> list[str
     return list(dict.fromkeys(cols))
 
 
-# --------------------------------------------------------------------------- drawing
-
-
-@dataclass
-class _Metric:
-    """One quantity drawn against the group's x axis (a column of panels)."""
-
-    lines: list[_Line]
-    ylabel: str
-    title: str = ""
-    decorate: Callable[[Any, list[_Line]], None] | None = None  # ideal lines, limits
-
-
-@dataclass
-class _Group:
-    """Panels sharing one x axis, one encoding and one legend (a subfigure)."""
-
-    key_cols: list[str]
-    xlabel: str
-    metrics: list[_Metric]
-    title: str = ""
-    log2_from: float = 16.0
-    extra_handles: list = field(default_factory=list)
-    annotate_nodes: bool = False
-    empty_note: str = "no data"
-
-
-def _grid(ax) -> None:
-    ax.grid(True, alpha=0.3)
-    ax.grid(True, which="minor", alpha=0.1)
-
-
-def _discrete_axis(ax, values: Iterable[float], log2_from: float = 16) -> None:
-    """Ticks at the measured values; a log2 scale when they span a wide range (worker
-    counts 1..64, batch sizes 2..256) so that doublings are evenly spaced."""
-    vals = sorted({float(v) for v in values if np.isfinite(v) and v > 0})
-    if not vals:
-        return
-    if vals[-1] / vals[0] >= log2_from:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticks(vals, [f"{v:g}" for v in vals])
-
-
-def _layout(n_panels: int, n_metrics: int) -> tuple[int, int]:
-    if n_metrics > 1:
-        return n_panels, n_metrics
-    ncols = {1: 1, 2: 2, 3: 3, 4: 2}.get(n_panels, 3)
-    return math.ceil(n_panels / ncols), ncols
-
-
-def _figure_for(groups: list[tuple[_Group, Encoding]], title: str,
-                context: str | None, notes: Sequence[str] = ()) -> tuple[Figure, list]:
-    sizes = [_layout(len(enc.panels) or 1, len(g.metrics)) for g, enc in groups]
-    # Groups of several panel columns are stacked, not put side by side: a figure
-    # wider than a screen is read in pieces.
-    stacked = len(groups) > 1 and any(c > 1 for _, c in sizes)
-    widths = [4.3 * c + 2.6 for _, c in sizes]
-    heights = [3.3 * r + (0.5 if len(groups) > 1 else 0.0) for r, _ in sizes]
-    width = max(widths) if stacked else sum(widths)
-    height = (sum(heights) if stacked else max(heights)) + 1.2
-    fig = Figure(figsize=(max(width, 7.5), max(height, 4.6)), layout="constrained")
-    _suptitle(fig, [title, context, *notes])
-    if len(groups) == 1:
-        return fig, [fig]
-    if stacked:
-        subs = fig.subfigures(len(groups), 1, height_ratios=heights)
-    else:
-        subs = fig.subfigures(1, len(groups), width_ratios=widths)
-    return fig, list(np.ravel(subs))
-
-
-def _draw_group(sub, g: _Group, enc: Encoding, separate_title: bool) -> None:
-    n_panels = len(enc.panels) or 1
-    multi_metric = len(g.metrics) > 1
-    nrows, ncols = _layout(n_panels, len(g.metrics))
-    axes = sub.subplots(nrows, ncols, sharex=True, sharey="col" if multi_metric else True,
-                        squeeze=False)
-    if separate_title and g.title:
-        sub.suptitle(g.title, fontsize=10, fontweight="bold")
-    xs = sorted({v for m in g.metrics for ln in m.lines for v in ln.x})
-    line_index = {id(ln): i for i, ln in enumerate(_group_lines(g))}
-    drawn = []
-    for p in range(nrows * ncols):
-        r, c = divmod(p, ncols)
-        ax = axes[r, c]
-        panel, metric = (r, g.metrics[c]) if multi_metric else (p, g.metrics[0])
-        if panel >= n_panels:
-            ax.remove()  # an empty slot of the grid
-            continue
-        facet_text = ", ".join(enc.panels[panel]) if enc.panels and enc.panels[panel] \
-            else ""
-        head = " — ".join(t for t in (metric.title if multi_metric else "", facet_text)
-                          if t)
-        mine = [ln for ln in metric.lines
-                if not enc.facets or enc.panel(line_index[id(ln)]) == panel]
-        for ln in mine:
-            colour, ls, marker, width = enc.line_style(line_index[id(ln)])
-            ax.plot(ln.x, ln.y, linestyle=ls, color=colour, linewidth=width)
-            for weak in (False, True):
-                m = ln.weak == weak
-                if m.any():
-                    ax.plot(ln.x[m], ln.y[m], linestyle="none", marker=marker,
-                            color=colour, markersize=3.5 + width,
-                            markerfacecolor="white" if weak else colour,
-                            markeredgewidth=1.4 if weak else 1.0)
-            bar = np.isfinite(ln.lo) & np.isfinite(ln.hi) & (ln.hi > ln.lo)
-            if bar.any():  # repeats' range and 95 % CIs
-                ax.errorbar(ln.x[bar], ln.y[bar], yerr=[ln.y[bar] - ln.lo[bar],
-                                                        ln.hi[bar] - ln.y[bar]],
-                            fmt="none", ecolor=colour, capsize=3, alpha=0.7, linewidth=1)
-            if g.annotate_nodes:
-                for x, y, n in zip(ln.x, ln.y, ln.nodes):
-                    if np.isfinite(n) and n > 1:
-                        ax.annotate(f"{int(n)} nodes", (x, y), textcoords="offset points",
-                                    xytext=(4, -10), fontsize=7, color=colour)
-        if not mine:
-            ax.text(0.5, 0.5, f"not enough data: {g.empty_note}", ha="center",
-                    va="center", fontsize=9, color="0.35", transform=ax.transAxes)
-        elif len({v for ln in mine for v in ln.x}) < 2:
-            head = (head + "\n" if head else "") + "one x value only: not a trend"
-        ax.set_title(head, fontsize=9)
-        bottom = r == nrows - 1 or (not multi_metric and panel + ncols >= n_panels)
-        ax.set_xlabel(g.xlabel if bottom else "")
-        if bottom:
-            ax.xaxis.set_tick_params(labelbottom=True)  # under a removed grid slot
-        ax.set_ylabel(metric.ylabel if c == 0 or multi_metric else "")
-        _grid(ax)
-        drawn.append((ax, metric))
-    if xs:
-        _discrete_axis(axes[0, 0], xs, g.log2_from)
-    # Limits last: on shared axes, a limit set before every panel is drawn would freeze
-    # the range of the panels drawn so far and cut the others' lines.
-    for ax, metric in drawn:
-        if metric.decorate is not None:
-            metric.decorate(ax, metric.lines)
-    handles, labels = enc.legend()
-    extra = list(g.extra_handles)
-    if any(ln.weak.any() for ln in _group_lines(g)):
-        extra.append(Line2D([], [], color="0.3", marker="o", markerfacecolor="white",
-                            linestyle="none", label=_HOLLOW))
-    for h in extra:
-        handles.append(h)
-        labels.append(h.get_label())
-    # Beside the top-right panel rather than a figure legend: constrained layout keeps
-    # an axes legend clear of the figure title, which a figure legend can overlap.
-    axes[0, ncols - 1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0),
-                              borderaxespad=0.0, fontsize=8)
-
-
-def _group_lines(g: _Group) -> list[_Line]:
-    return [ln for m in g.metrics for ln in m.lines]
-
-
-def _keep_common(g: _Group, n_sources: int) -> int:
-    """Comparing folders: keep only the configurations measured in more than one of
-    them (when there are any), since a line without a counterpart compares nothing.
-
-    Returns:
-        how many configurations were dropped.
-    """
-    every = _group_lines(g)
-    const = folder_constant(every, g.key_cols)
-
-    def key(ln: _Line) -> tuple:
-        return tuple(v for i, v in enumerate(ln.key) if i not in const)
-
-    folders: dict[tuple, set[int]] = {}
-    for ln in every:
-        folders.setdefault(key(ln), set()).add(ln.source)
-    common = {k for k, f in folders.items() if len(f) > 1}
-    if n_sources < 2 or not common:
-        return 0
-    for m in g.metrics:
-        m.lines = [ln for ln in m.lines if key(ln) in common]
-    return len(folders) - len(common)
-
-
-def _render(path: Path, title: str, context: str | None, groups: list[_Group],
-            sources, notes: Sequence[str] = ()) -> None:
-    encoded = []
-    notes = list(notes)
-    for g in groups:
-        dropped = _keep_common(g, len(sources))
-        if dropped:
-            notes.append(f"{dropped} configuration(s) measured in one folder only are "
-                         "not shown" + (f" ({g.title})" if g.title else ""))
-        enc = encode(_group_lines(g), g.key_cols, sources)
-        encoded.append((g, enc))
-    fig, subs = _figure_for(encoded, title, context, notes)
-    for sub, (g, enc) in zip(subs, encoded):
-        _draw_group(sub, g, enc, separate_title=len(groups) > 1)
-    _save(fig, path)
-
-
-def _suptitle(fig: Figure, lines: Sequence[str | None]) -> None:
-    """The figure title, its lines wrapped to the figure's width (a long sweep id would
-    otherwise run off both edges)."""
-    import textwrap
-
-    chars = max(40, int(fig.get_figwidth() * 11))  # ~11 characters per inch at 11 pt
-    text = "\n".join(textwrap.fill(line, chars, break_on_hyphens=False)
-                     for line in lines if line)
-    fig.suptitle(text, fontsize=11)
-
-
-def _save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
-
-
 def _note_figure(name: str, path: Path, note: str, context: str | None) -> PlotResult:
     fig = Figure(figsize=(7.5, 3.0), layout="constrained")
-    _suptitle(fig, [PLOT_TITLES[name], context])
+    suptitle(fig, [PLOT_TITLES[name], context])
     ax = fig.subplots()
     ax.axis("off")
     ax.text(0.5, 0.5, f"not enough data: {note}", ha="center", va="center", wrap=True,
             fontsize=10, color="0.3", transform=ax.transAxes)
-    _save(fig, path)
+    save(fig, path)
     return PlotResult(name, path, note)
 
 
@@ -433,7 +203,7 @@ def _scaling(data: Sources, path: Path, context: str | None, efficiency: bool
     top_x = max(float(v) for ln in shown for v in ln.x)
     ceilings = _ceilings(sources, efficiency)
 
-    def decorate(ax, ls: list[_Line]) -> None:
+    def decorate(ax, ls: list[Line]) -> None:
         top = max(float(np.nanmax(np.fmax(ln.hi, ln.y))) for ln in ls)
         if efficiency:
             ax.axhline(100.0, color="0.25", linestyle="--", linewidth=1.2, zorder=1)
@@ -446,18 +216,19 @@ def _scaling(data: Sources, path: Path, context: str | None, efficiency: bool
             ax.plot(ws, ceil, color=_CEILING_COLOUR, linestyle=":", linewidth=1.8,
                     zorder=1)
 
-    metric = _Metric(shown, "scaling efficiency (%; speedup / workers)" if efficiency
+    metric = Metric(shown, "scaling efficiency (%; speedup / workers)" if efficiency
                      else "speedup over 1 worker (× throughput)", decorate=decorate)
-    handles = [_ideal_handle("ideal (100 %)" if efficiency else "ideal (speedup = workers)")]
+    handles = [_ideal_handle("ideal (100 %)" if efficiency
+                             else "ideal (speedup = workers)")]
     if ceilings:
         handles.append(Line2D([], [], color=_CEILING_COLOUR, linestyle=":", linewidth=1.8,
                               label="hardware ceiling (parallel workers the host runs)"))
-    group = _Group(cols, "workers (world size)", [metric], annotate_nodes=True,
+    group = Group(cols, "workers (world size)", [metric], annotate_nodes=True,
                    extra_handles=handles)
     hidden = len(lines) - len(shown)
     notes = [f"{hidden} configuration(s) measured at one worker count only are not shown"] \
         if hidden else []
-    _render(path, PLOT_TITLES[name] + _scaling_kind(sources), context, [group], sources,
+    render(path, PLOT_TITLES[name] + _scaling_kind(sources), context, [group], sources,
             notes)
     return PlotResult(name, path)
 
@@ -541,17 +312,17 @@ def plot_throughput_vs_batch(data: Sources, path: str | Path, context: str | Non
     # log axis; within one folder a linear axis from 0 shows the gains truthfully.
     log_y = len(ys) and ys.max() / ys.min() > 30
 
-    def decorate(ax, ls: list[_Line]) -> None:
+    def decorate(ax, ls: list[Line]) -> None:
         if log_y:
             ax.set_yscale("log")
         else:
             ax.set_ylim(bottom=0)
 
-    group = _Group(cols, "batch size per worker (images)",
-                   [_Metric(lines, "throughput (images/s, all workers)"
+    group = Group(cols, "batch size per worker (images)",
+                   [Metric(lines, "throughput (images/s, all workers)"
                             + (", log scale" if log_y else ""), decorate=decorate)],
                    log2_from=4)
-    _render(path, PLOT_TITLES[name], context, [group], sources)
+    render(path, PLOT_TITLES[name], context, [group], sources)
     return PlotResult(name, path)
 
 
@@ -596,19 +367,19 @@ def plot_memory(data: Sources, path: str | Path, context: str | None = None) -> 
     if note is not None:
         return _note_figure(name, path, note, context)
 
-    def decorate(ax, ls: list[_Line]) -> None:
+    def decorate(ax, ls: list[Line]) -> None:
         ax.set_ylim(bottom=0)
 
     ylabel = "peak memory per worker (MB)"
     groups = [
-        _Group(by_batch, "batch size per worker (images)",
-               [_Metric(lines_b, ylabel, decorate=decorate)], title="vs batch size",
+        Group(by_batch, "batch size per worker (images)",
+               [Metric(lines_b, ylabel, decorate=decorate)], title="vs batch size",
                log2_from=4, empty_note="no batch size recorded"),
-        _Group(by_depth, "U-Net depth (levels)", [_Metric(lines_d, ylabel,
+        Group(by_depth, "U-Net depth (levels)", [Metric(lines_d, ylabel,
                                                           decorate=decorate)],
                title="vs depth", log2_from=math.inf, empty_note="no depth recorded"),
     ]
-    _render(path, f"{PLOT_TITLES[name]} ({_memory_source_text(sources)})", context,
+    render(path, f"{PLOT_TITLES[name]} ({_memory_source_text(sources)})", context,
             groups, sources)
     return PlotResult(name, path)
 
@@ -637,17 +408,17 @@ def plot_accuracy_vs_depth(data: Sources, path: str | Path, context: str | None 
     hi = max(float(np.nanmax(ln.hi)) for ln in every)
     pad = max(0.02, 0.08 * (hi - lo))
 
-    def decorate(ax, ls: list[_Line]) -> None:
+    def decorate(ax, ls: list[Line]) -> None:
         # Zoomed to the data (clamped to [0, 1]): differences of a few points matter.
         ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
 
-    metrics = [_Metric(miou, "validation mIoU (mean IoU over classes)", "mIoU", decorate)]
+    metrics = [Metric(miou, "validation mIoU (mean IoU over classes)", "mIoU", decorate)]
     if dice:
-        metrics.append(_Metric(dice, "validation mDice (mean Dice = F1 over classes)",
+        metrics.append(Metric(dice, "validation mDice (mean Dice = F1 over classes)",
                                "mDice", decorate))
-    group = _Group(cols, "U-Net depth (levels)", metrics, log2_from=math.inf,
+    group = Group(cols, "U-Net depth (levels)", metrics, log2_from=math.inf,
                    empty_note="no accuracy in this panel")
-    _render(path, PLOT_TITLES[name], context, [group], sources)
+    render(path, PLOT_TITLES[name], context, [group], sources)
     return PlotResult(name, path)
 
 
@@ -677,7 +448,7 @@ def plot_pareto(data: Sources, path: str | Path, context: str | None = None) -> 
     if note is not None:
         return _note_figure(name, path, note, context)
     fig = Figure(figsize=(11.5, 6.0), layout="constrained")
-    _suptitle(fig, [PLOT_TITLES[name], context])
+    suptitle(fig, [PLOT_TITLES[name], context])
     ax = fig.subplots()
     multi = len(sources) > 1
     if multi:
@@ -727,8 +498,8 @@ def plot_pareto(data: Sources, path: str | Path, context: str | None = None) -> 
             ax.annotate(str(n), (ft[i], fs[i]), textcoords="offset points", xytext=(5, 4),
                         fontsize=8, fontweight="bold", color=front_colour)
             prefix = f"{sources[si][0]}: " if multi else ""
-            front_entries.append((front_colour, f"{n}: {prefix}{text_of[fkeys[i]]}, "
-                                                f"mIoU {fmt(fs[i], '.3f')} in {seconds(ft[i])}"))
+            front_entries.append((front_colour, f"{n}: {prefix}{text_of[fkeys[i]]}, mIoU "
+                                                f"{fmt(fs[i], '.3f')} in {seconds(ft[i])}"))
     times = [v for _, sel in pts for v in sel["train_time_s"]]
     if max(times) / min(times) > 20:
         ax.set_xscale("log")
@@ -746,9 +517,9 @@ def plot_pareto(data: Sources, path: str | Path, context: str | None = None) -> 
                     else "")
                  + ("" if front_entries else "\nno run qualifies for the front"),
                  fontsize=9, color="0.3")
-    _grid(ax)
+    grid(ax)
     if weak_any:
-        ax.scatter([], [], facecolors="white", edgecolors="0.3", s=30, label=_HOLLOW)
+        ax.scatter([], [], facecolors="white", edgecolors="0.3", s=30, label=HOLLOW)
     # The runs legend sits inside the axes; the front list beside it is the axes'
     # "official" legend, the one constrained layout makes room for.
     ax.add_artist(ax.legend(loc="best", fontsize=8))
@@ -758,7 +529,7 @@ def plot_pareto(data: Sources, path: str | Path, context: str | None = None) -> 
                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7.5,
                   title="Pareto front", title_fontsize=8, handlelength=0,
                   handletextpad=0, labelcolor=[c for c, _ in front_entries])
-    _save(fig, path)
+    save(fig, path)
     return PlotResult(name, path)
 
 

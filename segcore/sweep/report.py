@@ -34,8 +34,8 @@ _DASH = "–"
 # _config_columns); engine and ZeRO stage are shown as one column.
 _TABLE_CONFIG = ("engine", "loader", "precision", "channels_last", "compile", "batch_size",
                  "global_batch_size", "arch", "widths", "depth", "image_size",
-                 "class_scheme", "mode", "strong_scaling", *analysis.OPTIONAL_FAMILY_COLUMNS,
-                 "world_size", "nnodes")
+                 "class_scheme", "mode", "strong_scaling",
+                 *analysis.OPTIONAL_FAMILY_COLUMNS, "world_size", "nnodes")
 _MEM_SOURCE_TEXT = {"workload": "workload peak above the process baseline",
                     "allocator": "allocator peak", "host_peak_rss": "host peak RSS"}
 
@@ -215,6 +215,12 @@ def _best_section(d: pd.DataFrame) -> list[str]:
             markdown_table(["objective", "best", "configuration", "run"], rows)]
 
 
+def _config_value(c: str, row: pd.Series) -> Any:
+    if c == "lr" and norm(row.get("base_lr")) is not None:
+        return norm(row.get("base_lr"))  # an lr scaling rule varies lr with the workers
+    return norm(row.get(c))
+
+
 def _config_columns(d: pd.DataFrame) -> list[str]:
     """The configuration columns worth a table column: those that vary."""
     cols = []
@@ -222,7 +228,7 @@ def _config_columns(d: pd.DataFrame) -> list[str]:
     for c in _TABLE_CONFIG:
         if c not in d or (c == "global_batch_size" and not strong):
             continue  # the global batch follows from workers x batch under weak scaling
-        values = {norm(v) for v in d[c]} - {None}
+        values = {_config_value(c, r) for _, r in d.iterrows()} - {None}
         if c == "engine" and "zero_stage" in d:
             values = {(norm(e), norm(z))
                       for e, z in zip(d["engine"], d["zero_stage"])} - {(None, None)}
@@ -242,7 +248,7 @@ def _config_cell(c: str, row: pd.Series) -> str | None:
         if e is None:
             return None
         return f"deepspeed ZeRO-{z}" if e == "deepspeed" and z is not None else str(e)
-    return _text(row.get(c))
+    return _text(_config_value(c, row))
 
 
 def _sorted_rows(d: pd.DataFrame) -> pd.DataFrame:
