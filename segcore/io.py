@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 # --------------------------------------------------------------------------- JSON values
 
@@ -68,12 +68,14 @@ def dumps(obj: Any, indent: int | None = None) -> str:
 # --------------------------------------------------------------------------- atomic I/O
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, creating parent folders.
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f: f.write(...)``: ``path`` appears whole or not at all.
 
     The temp file (``.<name>.<random>.tmp``) lives in the target's folder because
     ``os.replace`` is only atomic within one file system. It is fsynced before the
-    rename so that a crash cannot expose a renamed-but-empty file.
+    rename so that a crash cannot expose a renamed-but-empty file, and removed when the
+    write fails (a full disk leaves the old file and no temp file).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -94,6 +96,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders (see
+    :func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -13,15 +13,12 @@ all read and write through this module.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from segcore.io import fsync_dir
+from segcore.io import atomic_file
 
 LAST = "last.pt"
 BEST = "checkpoint.pt"
@@ -33,26 +30,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename.
-
-    A killed or failing write (a full disk) leaves the previous checkpoint in place and no
-    temporary file behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """``torch.save`` through :func:`segcore.io.atomic_file`: a killed or failing write
+    (a full disk) leaves the previous checkpoint in place and no temporary file behind."""
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:

@@ -144,8 +144,8 @@ def _gather_memory(ctx: DistContext, nvml: dict[str, Any],
 
     alloc = telemetry.allocator_peak_mb(ctx.device)
     host = telemetry.host_peak_rss_mb()
-    mine = {"alloc": alloc, "host_peak": host, "baseline": baseline_mb,
-            "workload": max(0.0, host - baseline_mb), **nvml}
+    mine = {"alloc": alloc, "host_peak": host, "host_now": telemetry.host_rss_mb(),
+            "baseline": baseline_mb, "workload": max(0.0, host - baseline_mb), **nvml}
     rows = gather_objects(mine)
 
     def mx(key):
@@ -155,7 +155,8 @@ def _gather_memory(ctx: DistContext, nvml: dict[str, Any],
     peak = mx("alloc")
     return {"peak_mem_mb": peak if peak is not None else mx("host_peak"),
             "peak_mem_source": "allocator" if peak is not None else "host_peak_rss",
-            "host_peak_rss_mb": mx("host_peak"), "mem_baseline_mb": mx("baseline"),
+            "host_rss_mb": mx("host_now"), "host_peak_rss_mb": mx("host_peak"),
+            "mem_baseline_mb": mx("baseline"),
             "mem_workload_mb": peak if peak is not None else mx("workload"),
             "device_mem_mb": mx("device_mem_mb"), "gpu_util_pct": mx("gpu_util_pct"),
             "power_w": mx("power_w")}
