@@ -41,9 +41,12 @@ def strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
     (``module.``) add, so a checkpoint loads into a plain model."""
     out = {}
     for k, v in sd.items():
-        for prefix in ("_orig_mod.", "module."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+        stripped = True
+        while stripped:  # any nesting: DDP around compile, compile around DDP, ...
+            stripped = False
+            for prefix in ("_orig_mod.", "module."):
+                if k.startswith(prefix):
+                    k, stripped = k[len(prefix):], True
         out[k] = v
     return out
 
