@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
 from segcore.config import (ARCHS, ENGINES, LOADERS, LOSSES, LR_SCALINGS,  # noqa: E402
-                            MODES, MONITORS, NORMS, OPTIMIZERS, PRECISIONS, SCHEMES,
+                            MODES, MONITORS, NORMS, OPTIMIZERS, PRECISIONS,
+                            PRED_THRESHOLDS, SCHEMES,
                             ConfigError, RunConfig, load_config, widths_for_depth)
 
 
@@ -39,6 +40,14 @@ def parser() -> argparse.ArgumentParser:
                                     "or an earlier run's config.toml); flags override it")
     p.add_argument("--data", help="dataset folder, or 'synthetic' (default)")
     p.add_argument("--classes", choices=SCHEMES, help="class scheme (default six)")
+    p.add_argument("--class-map", help="class fold from a TOML file, e.g. "
+                   "configs/classmaps/study-5.toml (sets --classes map)")
+    p.add_argument("--unlabeled-threshold", type=float,
+                   help="unlabeled-binary: standardized-gray cut (default 0.5, the study's "
+                        "code; 0 = at the mean)")
+    p.add_argument("--pred-threshold", choices=PRED_THRESHOLDS,
+                   help="binary schemes: p > 0.5 (fixed, default) or each output image's "
+                        "median/mean")
     p.add_argument("--arch", choices=ARCHS, help="U-Net style (default modern)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--depth", type=int, help="levels, widths doubling from 16")
@@ -109,7 +118,9 @@ def overrides(a: argparse.Namespace) -> dict:
                       compile=a.compile),
         "data": dict(source=a.data, class_scheme=a.classes, image_size=a.image_size,
                      loader=a.loader, augment=a.augment, num_workers=a.num_workers,
-                     synthetic_images=a.synthetic_images, strict=a.strict),
+                     synthetic_images=a.synthetic_images, strict=a.strict,
+                     class_map=a.class_map, unlabeled_threshold=a.unlabeled_threshold,
+                     pred_threshold=a.pred_threshold),
         "train": dict(epochs=a.epochs, steps=a.steps, warmup_steps=a.warmup_steps,
                       measure_steps=a.measure_steps, lr=a.lr, lr_scaling=a.lr_scaling,
                       lr_warmup_steps=a.lr_warmup_steps, optimizer=a.optimizer,
@@ -123,6 +134,13 @@ def overrides(a: argparse.Namespace) -> dict:
         "run": dict(mode=a.mode, out=a.out, run_id=a.run_id, sweep_id=a.sweep_id),
     }
     out = {k: {n: v for n, v in vals.items() if v is not None} for k, vals in sets.items()}
+    if a.class_map is not None:
+        if a.classes not in (None, "map"):
+            raise ConfigError(f"--classes {a.classes} and --class-map {a.class_map} both "
+                              "choose the classes; give one of them")
+        out["data"]["class_scheme"] = "map"
+    elif a.classes not in (None, "map"):
+        out["data"]["class_map"] = None  # a named scheme replaces a --config's class map
     if a.batch_size is not None:
         out["train"]["local_batch_size"] = a.batch_size
         if a.strong_scaling:

@@ -21,7 +21,8 @@ except ImportError:  # Python 3.10
 
 ARCHS = ("paper", "modern")
 NORMS = ("batch", "group", "none")
-SCHEMES = ("binary", "six", "full")
+SCHEMES = ("binary", "six", "full", "unlabeled-binary", "map")  # map: data.class_map
+PRED_THRESHOLDS = ("fixed", "median", "mean")
 LOADERS = ("torch", "dali", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 ENGINES = ("single", "ddp", "deepspeed", "fsdp")
@@ -125,7 +126,8 @@ class DataConfig:
 
     Attributes:
         source: ``synthetic`` (the built-in generated scenes) or a dataset folder.
-        class_scheme: ``binary``, ``six`` or ``full``.
+        class_scheme: ``binary``, ``six``, ``full``, ``unlabeled-binary`` or ``map``
+            (set by ``class_map``).
         image_size: side of the square training crop, in pixels.
         loader: ``torch`` (DataLoader), ``dali`` or ``synthetic`` (random tensors already on
             the device, for compute-only timing).
@@ -134,6 +136,13 @@ class DataConfig:
         synthetic_images / synthetic_height / synthetic_width: size of the built-in set.
         num_workers: torch DataLoader worker processes per training process.
         strict: fail on any bad image/mask pair instead of skipping it with a warning.
+        class_map: a class-map TOML file (``configs/classmaps/``); sets ``class_scheme``
+            to ``map``. Read and validated here, so a bad file fails at configuration.
+        unlabeled_threshold: ``unlabeled-binary`` only: class 1 where the per-image
+            standardized gray of the label image is above it (0.5: the study's code; 0:
+            at the mean, its text). See :mod:`segcore.data.classes`.
+        pred_threshold: binary schemes: ``fixed`` (p > 0.5), or the ``median``/``mean``
+            of each output image (both classes get an equal share, as in the study).
     """
 
     source: str = "synthetic"
@@ -148,9 +157,12 @@ class DataConfig:
     synthetic_width: int = 384
     num_workers: int = 0
     strict: bool = False
+    class_map: str | None = None
+    unlabeled_threshold: float = 0.5
+    pred_threshold: str = "fixed"
 
     def __post_init__(self) -> None:
-        _choice("data", "class_scheme", self.class_scheme, SCHEMES)
+        self._check_classes()
         _choice("data", "loader", self.loader, LOADERS)
         _positive("data", "image_size", self.image_size, integer=True)
         if not isinstance(self.test_fraction, (int, float)) or \
@@ -162,6 +174,35 @@ class DataConfig:
         if self.synthetic_images < 2:
             raise ConfigError("data.synthetic_images must be at least 2 (train + test)")
         _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
+
+    def _check_classes(self) -> None:
+        from segcore.data.classes import BINARY_SCHEMES, ClassMapError, load_class_map
+
+        if self.class_map is not None:
+            if not isinstance(self.class_map, str) or not self.class_map:
+                raise ConfigError(f"data.class_map = {self.class_map!r} must be the path of "
+                                  "a class-map TOML file")
+            self.class_scheme = "map"
+            try:
+                load_class_map(self.class_map)
+            except ClassMapError as e:
+                raise ConfigError(f"data.class_map: {e}") from None
+        _choice("data", "class_scheme", self.class_scheme, SCHEMES)
+        if self.class_scheme == "map" and self.class_map is None:
+            raise ConfigError("data.class_scheme = 'map' needs data.class_map = FILE.toml "
+                              "(--class-map)")
+        t = self.unlabeled_threshold
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
+            raise ConfigError(f"data.unlabeled_threshold = {t!r} must be a finite number of "
+                              "standard deviations, e.g. 0.5 (the study's code) or 0 (the mean)")
+        if t != 0.5 and self.class_scheme != "unlabeled-binary":
+            raise ConfigError(f"data.unlabeled_threshold = {t} only applies to class_scheme "
+                              f"'unlabeled-binary', not {self.class_scheme!r}")
+        _choice("data", "pred_threshold", self.pred_threshold, PRED_THRESHOLDS)
+        if self.pred_threshold != "fixed" and self.class_scheme not in BINARY_SCHEMES:
+            raise ConfigError(f"data.pred_threshold = {self.pred_threshold!r} applies to the "
+                              f"binary schemes ({', '.join(BINARY_SCHEMES)}), not to "
+                              f"{self.class_scheme!r}")
 
 
 @dataclass

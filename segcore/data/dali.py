@@ -165,7 +165,10 @@ class DaliTrainLoader:
         # Images smaller than the crop need _pad_to's reflect padding, which DALI has no
         # operator for: then the source decodes and pads in Python (slow, but only for
         # data smaller than the crop; a prepared cache at 1024 px never takes this path).
-        self.decoded = any(h < self.crop[0] or w < self.crop[1] for h, w in self.sizes)
+        # Per-image targets (unlabeled-binary on source labels: lut None) are no lookup
+        # table either: the source computes them with the index, as the torch loader does.
+        self.decoded = self.lut is None or any(h < self.crop[0] or w < self.crop[1]
+                                               for h, w in self.sizes)
         self.epoch = 0
         self._steps = (len(self.samples) // world_size) // batch_size
         if self._steps == 0:

@@ -32,6 +32,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import os
+import signal
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -148,26 +151,41 @@ class DatasetIndex:
         outside the table read as ``IGNORE_INDEX`` (255) when they cannot be represented."""
         return read_labels(sample.mask, self.mask_kind, self.classes)
 
-    def target_lut(self, scheme: ClassScheme) -> np.ndarray:
+    def target_lut(self, scheme: ClassScheme) -> np.ndarray | None:
         """256-entry uint8 table from label index (as :meth:`read_labels` returns) to
         ``scheme`` target index; ``IGNORE_INDEX`` for labels outside the class table.
+
+        ``None`` when the targets are a function of the whole label image
+        (``unlabeled-binary`` on source labels): :meth:`targets` computes them.
+
+        A prepared cache serves the scheme it was prepared for, and a cache prepared with
+        ``--classes full`` (whose masks are the source labels) serves every scheme.
 
         Raises:
             DatasetError: a prepared cache asked for another scheme than its own, or a
                 class table naming classes the schemes do not know.
         """
         n = len(self.classes)
-        if self.mask_kind == "target":
+        if self.mask_kind == "target" and not self._cache_holds_labels():
             m = self.manifest or {}
             ms = m.get("scheme", {})
             if ms.get("name") != scheme.name or tuple(ms.get("names", ())) != scheme.names:
                 raise DatasetError(
                     f"{self.root} was prepared for --classes {ms.get('name')} and its masks "
                     f"hold those indices; re-run launch/prepare.py --src {m.get('source')} "
-                    f"--out NEW_DIR --classes {scheme.name} to train on {scheme.name}")
+                    f"--out NEW_DIR --classes {_prepare_classes(scheme)} to train on "
+                    f"{scheme.name}")
+            if ms.get("threshold") != scheme.threshold:
+                raise DatasetError(
+                    f"{self.root} was prepared with --unlabeled-threshold "
+                    f"{ms.get('threshold')}, not {scheme.threshold}; re-run "
+                    f"launch/prepare.py --src {m.get('source')} --out NEW_DIR --classes "
+                    f"{scheme.name} --unlabeled-threshold {scheme.threshold}")
             lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
             lut[:n] = np.arange(n, dtype=np.uint8)
             return lut
+        if scheme.per_image:
+            return None
         names = [c[0] for c in self.classes]
         if tuple(names) == SDD_NAMES[:n]:
             lut = scheme.lut.copy()
@@ -184,6 +202,17 @@ class DatasetIndex:
         lut[:n] = scheme.lut[[SDD_NAMES.index(nm) for nm in names]]
         return lut
 
+    def _cache_holds_labels(self) -> bool:
+        """A cache prepared with ``--classes full``: its masks are the 24 source labels."""
+        ms = (self.manifest or {}).get("scheme", {})
+        return ms.get("name") == "full" and tuple(ms.get("names", ())) == SDD_NAMES
+
+    def targets(self, labels: np.ndarray, scheme: ClassScheme) -> np.ndarray:
+        """Labels (as :meth:`read_labels` returns them) -> ``scheme`` target indices, one
+        vectorised pass (a lookup table, or the per-image rule of ``unlabeled-binary``)."""
+        lut = self.target_lut(scheme)
+        return scheme.remap(labels, self.classes) if lut is None else lut[labels]
+
     def load_mask(self, sample: Sample, scheme: ClassScheme) -> np.ndarray:
         """Mask remapped to ``scheme`` target indices, uint8 (H, W).
 
@@ -191,9 +220,8 @@ class DatasetIndex:
             DatasetError: the mask holds values or colours outside the class table, or a
                 prepared cache was prepared for another scheme.
         """
-        lut = self.target_lut(scheme)
         src = self.read_labels(sample)
-        out = lut[src]
+        out = self.targets(src, scheme)
         if (out == IGNORE_INDEX).any():
             if self.mask_kind == "rgb":
                 raise DatasetError(
@@ -206,6 +234,12 @@ class DatasetIndex:
                 f"(0-{len(self.classes) - 1}); fix the mask or the class table, or run "
                 "launch/prepare.py without --strict to skip such pairs")
         return out
+
+
+def _prepare_classes(scheme: ClassScheme) -> str:
+    """The ``prepare.py --classes`` value that caches ``scheme``: a class map trains on a
+    ``full`` cache."""
+    return scheme.name if scheme.class_map is None else "full"
 
 
 # -- mask decoding ------------------------------------------------------------------------
@@ -380,7 +414,7 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
 
 
 def discover(root: str | Path, strict: bool = False, validate_files: bool = False,
-             workers: int = 1) -> DatasetIndex:
+             workers: int = 1, report: bool = True) -> DatasetIndex:
     """Find the image/mask pairs under ``root``.
 
     Args:
@@ -389,6 +423,9 @@ def discover(root: str | Path, strict: bool = False, validate_files: bool = Fals
         validate_files: also open every pair (see :func:`validate`); otherwise only the
             pairing is checked, which opens no file.
         workers: processes for ``validate_files``.
+        report: warn about (or, ``strict``, raise on) pairing problems here; ``False``
+            leaves them in ``index.problems`` for a caller that reports every problem at
+            once (``prepare``).
 
     Returns:
         The index of valid pairs, sorted by stem.
@@ -403,7 +440,7 @@ def discover(root: str | Path, strict: bool = False, validate_files: bool = Fals
                            "Semantic Drone Dataset, or --data synthetic")
     manifest = read_manifest(root)
     if manifest is not None:
-        index = _discover_cache(root, manifest, strict)
+        index = _discover_cache(root, manifest, strict and report)
     else:
         if (root / SETTINGS).is_file():
             raise DatasetError(f"{root} is an unfinished prepare run (no {MANIFEST}); re-run "
@@ -440,7 +477,8 @@ def discover(root: str | Path, strict: bool = False, validate_files: bool = Fals
             if dup:
                 raise DatasetError(f"class table {csv or 'built-in'} gives colour(s) {dup} to "
                                    "several classes; colour masks need one colour per class")
-        _report(root, problems, strict, "files")
+        if report:
+            _report(root, problems, strict, "files")
         if not samples:
             raise DatasetError(f"no image/mask pairs found under {root} (layout "
                                f"{found.layout}: {found.image_dir}, {found.mask_dir})")
@@ -580,11 +618,30 @@ def validate(index: DatasetIndex, check_values: bool = True, workers: int = 1,
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A process pool whose workers start clean (forkserver where available): forking a
-    parent that runs torch/DALI/OpenMP threads can deadlock a child."""
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    """A process pool whose workers start clean and die with this process.
+
+    Clean: forking a parent that runs torch/DALI/OpenMP threads can deadlock a child, so
+    workers are spawned. Dying: each worker asks the kernel for SIGKILL when its parent
+    dies (``PR_SET_PDEATHSIG``, Linux), so a ``kill -9`` of the caller leaves no worker
+    behind, and with them gone the resource tracker sees its pipe close and exits too.
+    (A forkserver would be the workers' parent instead, and it outlives the caller.) The
+    signal follows the thread that started the worker: submit from a thread that lives
+    as long as the pool (the pool starts workers on submit).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool-worker initializer: SIGKILL this worker when ``parent`` dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def default_workers() -> int:
