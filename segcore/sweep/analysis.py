@@ -639,9 +639,12 @@ def accuracy_budget(df: pd.DataFrame) -> str | None:
     if not len(acc):
         return None
     budget, source = sample_budget(acc)
-    parts = [f"{_plural(ws, 'worker')}: {_span(budget[g.index])} samples in "
-             f"{_span(g['steps'])} steps at lr {_fmt_set(g['lr']) or '?'}"
-             for ws, g in acc.groupby("world_size")]
+    parts = []
+    for ws, g in acc.groupby("world_size"):
+        steps = _span(g["steps"])
+        parts.append(f"{_plural(ws, 'worker')}: {_span(budget[g.index])} samples in "
+                     f"{steps} step{'' if steps == '1' else 's'} at lr "
+                     f"{_fmt_set(g['lr']) or '?'}")
     rules = _lr_rules(acc)
     return (f"Budget ({source}): " + "; ".join(parts) + ". lr rule: "
             + (", ".join(sorted(rules)) if rules else "none recorded") + ".")
