@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 flags = ", ".join("--" + g.replace("_", "-") for g in given)
                 raise ConfigError(f"--preset {a.preset} sets {flags} itself; drop {flags} "
                                   "or the preset")
+        epochs_given = a.epochs is not None
         for k, v in DEFAULTS.items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
@@ -191,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                          repeats=a.repeats, strong_scaling=a.strong_scaling,
                          threads=threads, nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint,
                          timeout_s=a.timeout, overrides=train_overrides(a.train_arg))
+        if a.preset == "paper":
+            p = preset("paper", a.epochs if epochs_given else None)
+            if epochs_given:
+                print(f"note: --epochs {a.epochs} replaces each study session's own epochs "
+                      "(a short run of the study)", flush=True)
         if a.preset:
             spec.preset_rows = p["rows"]
             spec.arch = p.get("arch", spec.arch)

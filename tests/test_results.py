@@ -30,8 +30,12 @@ DESIGN_COLUMNS = [
     "mAcc",
 ]
 EXTRAS = ["repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p50",
-          "launch_overhead_s", "peak_mem_source", "noisy", "throughput_spread_pct",
-          "started_at", "finished_at", "wall_s"]
+          "launch_overhead_s", "peak_mem_source", "throughput_spread_pct",
+          "started_at", "finished_at", "wall_s", "hw_ceiling_speedup",
+          "time_to_target_speedup", "low_confidence", "flags", "throughput_ci95_lo",
+          "throughput_ci95_hi", "throughput_ci95_pct", "oversubscribed", "hw_parallel_limit",
+          "precision_emulated", "mem_workload_mb", "mem_baseline_mb", "lr_scaling",
+          "base_lr", "samples_seen", "F1", "mConfDiag", "mAP", "mAUC"]
 
 
 def row(run_id: str, **extra) -> dict:

@@ -72,9 +72,17 @@ def test_repeats_and_presets():
     jobs = expand(spec(repeats=3, workers=[1]))
     assert [j.run_id[-3:] for j in jobs] == ["-r0", "-r1", "-r2"]
     p = preset("paper")
-    assert len(p["rows"]) == 12 and p["arch"] == "paper"
-    six = [r for r in p["rows"] if r["classes"] == "six"]
-    assert {(r["lr"], r["batch"]) for r in six} == {(1e-3, 16)}
+    assert p["arch"] == "paper"
+    assert [r["name"] for r in p["rows"]] == [
+        "binaire-1", "binaire-1-2", "binaire-1-3", "binaire-1-4", "binaire-1-5",
+        "multiclass-3", "multiclass-3-2", "multiclass-3-3", "multiclass-2",
+        "multiclass-24", "unlabeled-binary"]
+    rows = {r["name"]: r for r in p["rows"]}
+    assert (rows["binaire-1-4"]["widths"], rows["binaire-1-4"]["epochs"]) == ("16,64,128", 25)
+    assert not rows["binaire-1-2"]["augment"] and rows["binaire-1-3"]["epochs"] == 45
+    assert {(r["lr"], r["batch"]) for r in p["rows"] if r["classes"] == "six"} == {(1e-3, 16)}
+    assert rows["multiclass-2"]["class_map"].endswith("study-5.toml")
+    assert {r["epochs"] for r in preset("paper", epochs=1)["rows"]} == {1}
     with pytest.raises(ConfigError, match="paper, smoke"):
         preset("nope")
 

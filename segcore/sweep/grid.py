@@ -86,23 +86,19 @@ def parse_engine(spec: str) -> tuple[str, int]:
 
 
 # What each preset sets, so that a preset never silently overrides a flag the user gave.
-PRESET_FIELDS = {"paper": ("arch", "batch_sizes", "depths", "classes", "lr"),
+PRESET_FIELDS = {"paper": ("arch", "batch_sizes", "depths", "classes", "lr", "steps"),
                  "smoke": ("batch_sizes", "depths", "classes", "image_size", "epochs")}
 
 
-def preset(name: str) -> dict[str, Any]:
-    """Named grids. ``paper`` reproduces the reference study's configurations:
-    binary at lr 1e-4 / batch 8 and six classes at lr 1e-3 / batch 16, the study's three
-    U-Nets (16,32,64), (16,64,128), (16,32,64,256), with and without augmentation, paper
-    architecture, 15 % test split. ``smoke``: one tiny configuration."""
+def preset(name: str, epochs: int | None = None) -> dict[str, Any]:
+    """Named grids. ``paper``: the reference study's nine named sessions (Tables 2 and 4)
+    plus its 24-class and unlabeled-binary runs, each with its own lr, batch, widths,
+    epochs, augmentation and classes (:mod:`segcore.sweep.study`; ``epochs`` replaces
+    every session's for a short run). ``smoke``: one tiny configuration."""
     if name == "paper":
-        rows = []
-        for classes, lr, batch in (("binary", 1e-4, 8), ("six", 1e-3, 16)):
-            for widths in ("16,32,64", "16,64,128", "16,32,64,256"):
-                for augment in (True, False):
-                    rows.append({"classes": classes, "lr": lr, "batch": batch,
-                                 "widths": widths, "augment": augment})
-        return {"arch": "paper", "rows": rows}
+        from segcore.sweep.study import preset_rows
+
+        return {"arch": "paper", "rows": preset_rows(epochs)}
     if name == "smoke":
         return {"rows": [{"classes": "six", "batch": 4, "widths": "8,16", "augment": True}],
                 "image_size": 64, "epochs": 1}
@@ -133,8 +129,10 @@ def job_config(spec: SweepSpec, row: dict[str, Any], engine: str, stage: int, lo
     if spec.arch == "paper":
         m["norm"] = "none"
     data.update(source=spec.data, class_scheme=row["classes"], image_size=spec.image_size,
-                loader=loader, augment=row.get("augment", True))
-    t.update(engine=engine, zero_stage=stage, precision=precision, epochs=spec.epochs,
+                loader=loader, augment=row.get("augment", True),
+                class_map=row.get("class_map"))
+    t.update(engine=engine, zero_stage=stage, precision=precision,
+             epochs=row.get("epochs") or spec.epochs,
              steps=spec.steps, warmup_steps=spec.warmup_steps,
              measure_steps=spec.measure_steps, lr_scaling=spec.lr_scaling,
              strong_scaling=spec.strong_scaling, threads=spec.threads)
@@ -178,10 +176,18 @@ def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> 
             if name == "single" and world > 1:
                 continue  # the single engine is the 1-process baseline only
             eng = name if name != "deepspeed" else f"ds{stage}"
-            rid = "-".join([f"w{world}", row["classes"], f"u{_slug(row['widths'])}",
-                            f"b{row['batch']}", eng, loader, prec, "cl" if cl else "nchw"]
-                           + ([] if row.get("augment", True) else ["noaug"])
-                           + ([f"lr{row['lr']:g}"] if "lr" in row else []))
+            if row.get("name"):  # a named session: its name, and what the grid varies
+                varied = [(eng, spec.engines), (loader, spec.loaders),
+                          (prec, spec.precisions), ("cl" if cl else "nchw",
+                                                    spec.channels_last)]
+                rid = "-".join([row["name"]] + ([f"w{world}"] if world > 1 else [])
+                               + [v for v, axis in varied if len(axis) > 1])
+            else:
+                rid = "-".join([f"w{world}", row["classes"], f"u{_slug(row['widths'])}",
+                                f"b{row['batch']}", eng, loader, prec,
+                                "cl" if cl else "nchw"]
+                               + ([] if row.get("augment", True) else ["noaug"])
+                               + ([f"lr{row['lr']:g}"] if "lr" in row else []))
             for r in range(spec.repeats):
                 run_id = rid + (f"-r{r}" if spec.repeats > 1 else "")
                 out = str(Path(out_dir or "runs") / "runs" / run_id)

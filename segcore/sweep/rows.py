@@ -52,7 +52,10 @@ EXTRA_COLUMNS = (
     "repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p50",
     "launch_overhead_s", "peak_mem_source", "throughput_spread_pct",
     "started_at", "finished_at", "wall_s", "hw_ceiling_speedup", "time_to_target_speedup",
-    "low_confidence", "flags",
+    "low_confidence", "flags", "throughput_ci95_lo", "throughput_ci95_hi",
+    "throughput_ci95_pct", "oversubscribed", "hw_parallel_limit", "precision_emulated",
+    "mem_workload_mb", "mem_baseline_mb", "lr_scaling", "base_lr", "samples_seen",
+    "F1", "mConfDiag", "mAP", "mAUC",
 )
 RESULT_COLUMNS: list[str] = [
     *IDENTITY_COLUMNS, *CONFIG_COLUMNS, *SPEED_COLUMNS, *MEMORY_COLUMNS,

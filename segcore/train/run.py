@@ -217,7 +217,12 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
                mAcc=m.get("mAcc"),
                train_loss_first=float(np.mean(losses[:tail])) if losses else None,
                train_loss_last=float(np.mean(losses[-tail:])) if losses else None)
-    for name in make_scheme(cfg.data.class_scheme).names:
+    sch = make_scheme(cfg.data.class_scheme)
+    # The study's columns: F1 of the positive class (binary) or the macro F1, and the
+    # mean of the normalized confusion diagonal (segcore.sweep.study defines them).
+    row["F1"] = m.get(f"Dice.{sch.names[1]}") if sch.is_binary else m.get("mDice")
+    row["mConfDiag"] = m.get("mConfDiag")
+    for name in sch.names:
         row[f"IoU.{name}"] = m.get(f"IoU.{name}")
     return row
 
