@@ -19,9 +19,10 @@ import numpy as np
 import pandas as pd
 
 from segcore.host import hardware_tag
-from segcore.fmt import fmt, missing
+from segcore.fmt import DASH, fmt, markdown_table, missing
 from segcore.io import write_text_atomic
 from segcore.sweep import analysis, plots
+from segcore.sweep.study import study_section
 from segcore.sweep.analysis import norm, read_env, sort_key, truthy
 from segcore.sweep.labels import describe_context, describe_rows, folder_labels
 from segcore.sweep.rows import read_rows
@@ -29,7 +30,7 @@ from segcore.sweep.rows import read_rows
 __all__ = ["markdown_table", "write_report", "write_compare"]
 
 _FAILED = ("oom", "failed", "timeout")
-_DASH = "–"
+_DASH = DASH
 # Configuration columns the results table may show (those that vary, see
 # _config_columns); engine and ZeRO stage are shown as one column.
 _TABLE_CONFIG = ("engine", "loader", "precision", "channels_last", "compile", "batch_size",
@@ -41,40 +42,6 @@ _MEM_SOURCE_TEXT = {"workload": "workload peak above the process baseline",
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def _cell(v: Any) -> str:
-    text = _DASH if v is None else str(v)
-    # A pipe would end the cell and a newline the row.
-    return text.replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-                   align: Sequence[str] | None = None) -> str:
-    """A GitHub-flavoured markdown table.
-
-    Args:
-        headers: column titles.
-        rows: cells (any values; ``None`` is written as a dash; pipes and newlines are
-            escaped).
-        align: per column ``"l"`` or ``"r"``; default left.
-
-    Returns:
-        the table, one line per row, ending with a newline.
-    """
-    align = list(align) if align is not None else ["l"] * len(headers)
-    head = [_cell(h) for h in headers]
-    body = [[_cell(v) for v in r] for r in rows]
-    widths = [max([len(head[i])] + [len(r[i]) for r in body] + [3])
-              for i in range(len(head))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if a == "r" else c.ljust(w)
-                                 for c, w, a in zip(cells, widths, align)) + " |"
-
-    rule = "| " + " | ".join(("-" * (w - 1) + ":") if a == "r" else "-" * w
-                             for w, a in zip(widths, align)) + " |"
-    return "\n".join([line(head), rule] + [line(r) for r in body]) + "\n"
 
 
 def _f(v: Any, spec: str, suffix: str = "", scale: float = 1.0) -> str | None:
@@ -505,6 +472,7 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
         lines += _best_section(d)
         lines += _results_section(d, env)
         lines += _accuracy_section(d, env)
+        lines += study_section(d, env)
         lines += _confidence_section(d)
         lines += _failed_section(d, folder)
         lines += _launch_section(d)

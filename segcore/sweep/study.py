@@ -89,3 +89,65 @@ def preset_rows(epochs: int | None = None) -> list[dict[str, Any]]:
 
 def session(name: str) -> Session | None:
     return next((s for s in SESSIONS if s.name == name), None)
+
+
+def _num(v: Any, spec: str) -> str:
+    from segcore.fmt import fmt
+
+    return fmt(v, spec, none="–")
+
+
+def study_section(d, env: dict[str, Any]) -> list[str]:
+    """Report lines: the study's Table 2 and Table 4 (and its other runs) in its columns,
+    ours beside its published values. Empty when no row is a study session.
+
+    Args:
+        d: the analysed frame (``segcore.sweep.analysis.frame``).
+        env: the folder's env.json.
+    """
+    if not len(d) or "run_id" not in d:
+        return []
+    rows = {}
+    for _, r in d.iterrows():
+        rid = str(r.get("run_id") or "")
+        s = session(rid)
+        if s is not None and r.get("status") == "ok":
+            rows[s.name] = r
+    if not rows:
+        return []
+    from segcore.fmt import markdown_table
+
+    src = {str(v) for v in d.get("data_source", []) if isinstance(v, str)}
+    data = ", ".join(sorted(src)) or "the built-in synthetic scenes (unless --data was given)"
+    lines = ["## The reference study's tables", "",
+             f"Ours come from {data}, on the host named above; the study's are its published "
+             "values (– where its summary gives none). F1: the positive class's F1 "
+             "(binary) or the macro F1; dice: our mDice (the study's came from a soft "
+             "Dice, so its F1 and dice differ where ours can coincide); diag: mean of the "
+             "row-normalized confusion diagonal; test loss: our validation cross-entropy "
+             "(the study applied a softmax before it, so scales differ); time: training "
+             "seconds. Definitions: `segcore/sweep/study.py`.", ""]
+    titles = {"2": "Table 2: binary, paved-area vs rest (lr 1e-4, batch 8)",
+              "4": "Table 4: multiclass (lr 1e-3, batch 16)",
+              "24": "24 classes", "5.1": "Unlabeled binary (section 5.1)"}
+    for table, title in titles.items():
+        mine = [s for s in SESSIONS if s.table == table and s.name in rows]
+        if not mine:
+            continue
+        body = []
+        for s in mine:
+            r, p = rows[s.name], s.published
+            body.append([s.name, s.widths.replace(",", "-"), "yes" if s.augment else "no",
+                         f"{int(r.get('epochs') or 0)}/{s.epochs}", r.get("num_classes"),
+                         _num(r.get("val_loss"), ".3f"), _num(r.get("F1"), ".2f"),
+                         _num(p.get("F1"), ".2f"), _num(r.get("mDice"), ".2f"),
+                         _num(p.get("dice"), ".2f"), _num(r.get("mConfDiag"), ".2f"),
+                         _num(p.get("diag"), ".2f"), _num(r.get("train_time_s"), ".0f"),
+                         _num(p.get("time_s"), ".0f")])
+        lines += [f"### {title}", "", markdown_table(
+            ["session", "widths", "augmented", "epochs run/study", "classes", "test loss",
+             "F1", "F1 (study)", "dice", "dice (study)", "diag", "diag (study)", "time s",
+             "time s (study)"], body), ""]
+        notes = [f"- {s.name}: {ASSUMED[s.name]}" for s in mine if s.name in ASSUMED]
+        lines += notes + ([""] if notes else [])
+    return lines
