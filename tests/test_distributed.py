@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from segcore.train.run import free_port
+from segcore.dist import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
