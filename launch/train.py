@@ -101,6 +101,10 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from last.pt (or checkpoint.pt) with its "
                         "saved configuration")
     p.add_argument("--out", help="output folder (default runs/latest)")
+    # The DeepSpeed launcher passes --local_rank=N (torch.distributed.launch --local-rank);
+    # the LOCAL_RANK the launcher also exports wins (see main).
+    p.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank",
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -194,6 +198,8 @@ def resume_config(a: argparse.Namespace, saved: dict) -> RunConfig:
 @record  # under torchrun: the failing rank and its error reach the agent's report
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    if a.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" \
         else ""
