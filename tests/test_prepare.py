@@ -242,3 +242,261 @@ def test_unfinished_settings_file_does_not_leak_into_source(tmp_path):
     assert discover(tmp_path / "src").layout == "plain"  # the source still reads as before
     assert json.loads((tmp_path / "src" / "cache" / MANIFEST).read_text())["layout"] == "plain"
     assert os.path.isdir(tmp_path / "src" / "cache" / "images")
+
+
+# -- offline augmentation --------------------------------------------------------------------
+def write_pattern_source(root: Path, n: int = 6, h: int = 96, w: int = 144) -> dict:
+    """Lossless pairs whose gray level is 10 x the label, in 12-px blocks (so a resize
+    blends few pixels), Kaggle layout. Returns the label mask per stem."""
+    from segcore.data.classes import write_class_csv
+
+    rng = np.random.default_rng(5)
+    base = root / "dataset" / "semantic_drone_dataset"
+    (base / "original_images").mkdir(parents=True)
+    (base / "label_images_semantic").mkdir(parents=True)
+    masks = {}
+    for i in range(n):
+        blocks = rng.integers(0, 24, size=(h // 12, w // 12), dtype=np.uint8)
+        mask = np.kron(blocks, np.ones((12, 12), np.uint8))
+        # Gray: JPEG keeps luma at full resolution (its colour is subsampled 2x).
+        image = np.repeat(mask[..., None] * 10, 3, axis=2)
+        Image.fromarray(image).save(base / "original_images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(base / "label_images_semantic" / f"{i:03d}.png")
+        masks[f"{i:03d}"] = mask
+    write_class_csv(root / "class_dict_seg.csv")
+    return masks
+
+
+def read_pair(out: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    with Image.open(out / "images" / f"{stem}.jpg") as a, \
+            Image.open(out / "masks" / f"{stem}.png") as b:
+        return np.asarray(a.convert("RGB")).astype(int), np.asarray(b)
+
+
+def agreement(image: np.ndarray, mask: np.ndarray, k: int = 9) -> float:
+    """Share of pixels whose image still encodes their mask label (gray = 10 x label),
+    over the pixels whose k x k neighbourhood holds one label (a Lanczos resize blends
+    and rings near the edges)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    win = sliding_window_view(np.pad(mask, k // 2, mode="edge"), (k, k))
+    flat = win.min(axis=(2, 3)) == win.max(axis=(2, 3))
+    return float((np.rint(image.mean(axis=2) / 10) == mask)[flat].mean())
+
+
+def test_offline_augment_makes_the_four_paired_variants(tmp_path):
+    masks = write_pattern_source(tmp_path / "src")
+    out = tmp_path / "aug"
+    res = prepare(tmp_path / "src", out, size=144, classes="full", quality=100, workers=1,
+                  offline_augment=4)
+    m = res.manifest
+    plain = prepare(tmp_path / "src", tmp_path / "plain", size=144, classes="full",
+                    workers=1).manifest
+    # The split is drawn over the photos: the same test photos as without augmentation,
+    # each cached once, unaugmented; every training photo has its four variants.
+    assert m["split"]["test"] == plain["split"]["test"] and len(m["split"]["test"]) == 1
+    train = plain["split"]["train"]
+    assert m["split"]["train"] == sorted(f"{s}{v}" for s in train
+                                         for v in ("", "+crop", "+hflip", "+vflip"))
+    for s in m["split"]["test"]:
+        assert sorted(p.name for p in (out / "images").glob(f"{s}*")) == [f"{s}.jpg"]
+    assert res.written == 4 * len(train) + 1
+    assert m["offline_augment"]["variants"] == ["resize", "crop", "hflip", "vflip"]
+    counts = sum(np.bincount(read_pair(out, s)[1].ravel(), minlength=24)
+                 for s in m["split"]["train"])
+    assert m["class_pixels_train"] == counts.tolist()
+
+    for s in train:
+        image, mask = read_pair(out, s)
+        np.testing.assert_array_equal(mask, masks[s])  # no resize: the labels themselves
+        h_img, h_mask = read_pair(out, f"{s}+hflip")
+        v_img, v_mask = read_pair(out, f"{s}+vflip")
+        np.testing.assert_array_equal(h_mask, mask[:, ::-1])
+        np.testing.assert_array_equal(v_mask, mask[::-1])
+        assert np.abs(h_img - image[:, ::-1]).mean() < 2  # the image flipped the same way
+        assert np.abs(v_img - image[::-1]).mean() < 2
+        c_img, c_mask = read_pair(out, f"{s}+crop")
+        left, top, right, bottom = m["offline_augment"]["crop_boxes"][f"{s}+crop"]
+        assert (right - left, bottom - top) == (96, 64)  # 2/3 of each side
+        # Nearest-neighbour from the window, computed here independently (pixel centres
+        # that fall exactly on a source pixel's edge may round either way: left out).
+        fy, fx = (np.arange(96) + 0.5) * 64 / 96, (np.arange(144) + 0.5) * 96 / 144
+        ys, xs = top + fy.astype(int), left + fx.astype(int)
+        clear = np.ix_(fy % 1 != 0, fx % 1 != 0)
+        np.testing.assert_array_equal(c_mask[clear], masks[s][np.ix_(ys, xs)][clear])
+        for img, msk in ((image, mask), (h_img, h_mask), (v_img, v_mask)):
+            assert agreement(img, msk) > 0.99
+        assert agreement(c_img, c_mask) > 0.95
+        # The check can fail: a mask that missed the image's flip or crop disagrees.
+        assert agreement(h_img, mask) < 0.5 and agreement(c_img, mask) < 0.5
+
+
+def test_offline_augment_is_deterministic_per_seed_and_resumable(tmp_path):
+    write_pattern_source(tmp_path / "src", n=5)
+    a = prepare(tmp_path / "src", tmp_path / "a", size=72, workers=2, offline_augment=4)
+    b = prepare(tmp_path / "src", tmp_path / "b", size=72, workers=1, offline_augment=4)
+    c = prepare(tmp_path / "src", tmp_path / "c", size=72, workers=1, offline_augment=4,
+                augment_seed=1)
+    boxes = a.manifest["offline_augment"]["crop_boxes"]
+    assert boxes == b.manifest["offline_augment"]["crop_boxes"]
+    assert boxes != c.manifest["offline_augment"]["crop_boxes"]
+    for stem in boxes:
+        assert (tmp_path / "a" / "masks" / f"{stem}.png").read_bytes() == \
+            (tmp_path / "b" / "masks" / f"{stem}.png").read_bytes()
+    # Fewer variants: the first n of the study's order.
+    two = prepare(tmp_path / "src", tmp_path / "two", size=72, workers=1, offline_augment=2)
+    assert {s.split("+")[-1] for s in two.manifest["split"]["train"] if "+" in s} == {"crop"}
+    # A finished cache is reused as it is; other augmentation settings are refused.
+    again = prepare(tmp_path / "src", tmp_path / "a", size=72, workers=1, offline_augment=4)
+    assert (again.written, again.reused) == (0, a.written)
+    with pytest.raises(DatasetError, match="--offline-augment 4 \\(now None\\)"):
+        prepare(tmp_path / "src", tmp_path / "a", size=72, workers=1)
+    with pytest.raises(DatasetError, match="--augment-seed 0 \\(now 3\\)"):
+        prepare(tmp_path / "src", tmp_path / "a", size=72, workers=1, offline_augment=4,
+                augment_seed=3)
+    idx = discover(tmp_path / "a")
+    train, test = idx.split(0.15, 0)
+    assert len(train) == len(a.manifest["split"]["train"]) and len(test) == 1
+
+
+# -- every problem at once, and no traceback -------------------------------------------------------
+def write_five_faults(root: Path) -> Path:
+    """One folder with all five faults of the drill: image without mask, mask without
+    image, corrupt JPEG, unknown mask value, size mismatch."""
+    write_layout(root, "kaggle", n=8, ext=".jpg")
+    base = root / "dataset" / "semantic_drone_dataset"
+    img, msk = base / "original_images", base / "label_images_semantic"
+    (msk / "006.png").unlink()
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(msk / "099.png")
+    (img / "001.jpg").write_bytes(b"not a jpeg at all")
+    with Image.open(msk / "005.png") as im:
+        bad = np.asarray(im).copy()
+    bad[3, 4] = 99
+    Image.fromarray(bad).save(msk / "005.png")
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(msk / "004.png")
+    return root
+
+
+FIVE = [r"image without mask: .*006\.jpg", r"mask without image: .*099\.png",
+        r"corrupt image: .*001\.jpg", r"unknown mask values \[99\] in .*005\.png",
+        r"size mismatch: image .*004\.jpg is 64x48 but mask .*004\.png is 32x24"]
+
+
+def test_strict_names_all_five_faults_at_once(tmp_path):
+    src = write_five_faults(tmp_path / "src")
+    with pytest.raises(DatasetError) as e:
+        prepare(src, tmp_path / "cache", size=32, strict=True, workers=1)
+    msg = str(e.value)
+    assert msg.startswith(f"5 problem(s) in {src}:")
+    for want in FIVE:
+        assert re.search(want, msg), (want, msg)
+    assert not (tmp_path / "cache" / MANIFEST).exists()
+    assert sorted(p.stem for p in (tmp_path / "cache" / "masks").iterdir()) == \
+        ["000", "002", "003", "007"]  # the good pairs are cached
+    # Without --strict: the same five in one warning, and the manifest records them.
+    with pytest.warns(UserWarning, match="5 problem") as rec:
+        res = prepare(src, tmp_path / "cache", size=32, workers=2)
+    assert len(rec) == 1
+    assert len(res.manifest["skipped"]) == 5 and res.reused == 4
+    r = cli("--src", src, "--out", tmp_path / "c2", "--strict", "--workers", 2, "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: 5 problem(s) in ")
+    for want in FIVE:
+        assert re.search(want, r.stderr), (want, r.stderr)
+
+
+def test_cli_bad_flags_give_one_error_line(tmp_path):
+    write_layout(tmp_path / "src", "kaggle", n=3)
+    for args, want in [
+        (("--size", "abc"), r"argument --size: invalid int value: 'abc'"),
+        (("--classes", "eight"), r"argument --classes: invalid choice: 'eight'"),
+        (("--offline-augment", 7), r"offline_augment = 7 must be 1 .* to 4"),
+        (("--unlabeled-threshold", 0), r"--unlabeled-threshold applies to --classes "
+                                       r"unlabeled-binary, not six"),
+        (("--classes", "unlabeled-binary", "--unlabeled-threshold", "nan"), r"finite"),
+    ]:
+        r = cli("--src", tmp_path / "src", "--out", tmp_path / "o", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith("error: ") and re.search(want, lines[0]), lines[0]
+    r = cli("--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: the following arguments are required: --src (see --help)"]
+
+
+# -- kill -9 leaves no process behind --------------------------------------------------------
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time) from /proc, or None once the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _descendants(root: int) -> set[tuple[int, int]]:
+    """(pid, start time) of every process below ``root``: the start time tells a pid
+    reused later from the process we saw."""
+    children: dict[int, list[tuple[int, int]]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit() and (st := _proc_stat(int(d))) is not None:
+            children.setdefault(st[1], []).append((int(d), st[2]))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child[0])
+    return found
+
+
+def _running(procs: set[tuple[int, int]]) -> list[int]:
+    alive = []
+    for pid, start in procs:
+        st = _proc_stat(pid)
+        if st is not None and st[2] == start and st[0] not in "ZX":  # zombies are dead
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_prepare_with_workers_leaves_no_process(tmp_path):
+    import signal
+    import time
+
+    # Enough full decodes (lossless 600x900 PNGs) that the pool is mid-way when killed.
+    src = tmp_path / "src"
+    write_layout(src, "kaggle", n=1, h=600, w=900)
+    base = src / "dataset" / "semantic_drone_dataset"
+    for sub, ext in (("original_images", ".png"), ("label_images_semantic", ".png")):
+        data = (base / sub / f"000{ext}").read_bytes()
+        for i in range(1, 120):
+            (base / sub / f"{i:03d}{ext}").write_bytes(data)
+    out = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, str(REPO / "launch" / "prepare.py"), "--src", src,
+                          "--out", out, "--size", "300", "--workers", "2", "--quiet"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[tuple[int, int]] = set()
+    try:
+        deadline = time.monotonic() + 90
+        # Mid-way: the pool's workers have written a file, and the run is not finished.
+        while time.monotonic() < deadline and p.poll() is None:
+            seen |= _descendants(p.pid)
+            if len(seen) >= 3 and any((out / "masks").glob("*.png")):
+                break
+            time.sleep(0.02)
+        assert p.poll() is None, "prepare finished before it could be killed; give it more work"
+        assert len(seen) >= 3, seen  # 2 pool workers + the resource tracker
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        deadline = time.monotonic() + 10
+        while _running(seen) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = _running(seen)
+        assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:100] for pid in left]
+        assert not (out / MANIFEST).exists()
+    finally:
+        for pid in _running(seen):  # never leak into the next test
+            os.kill(pid, signal.SIGKILL)
+        if p.poll() is None:
+            p.kill()

@@ -76,8 +76,8 @@ class PrepareResult:
     Attributes:
         out: the cache folder.
         manifest: the manifest written (or found unchanged).
-        written: pairs converted by this call.
-        reused: pairs whose files already existed (a finished earlier run).
+        written: cached pairs (photos and their variants) converted by this call.
+        reused: cached pairs whose files already existed (a finished earlier run).
         skipped: one line per skipped file or pair, naming it and the reason.
         seconds: wall time of the call.
     """
@@ -160,6 +160,8 @@ class _Outcome:
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # per cached stem
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     boxes: dict[str, list[int]] = field(default_factory=dict)  # crop windows, source px
+    written: int = 0  # cached pairs written by this task
+    reused: int = 0  # cached pairs found complete
 
 
 def variant_stem(stem: str, variant: str) -> str:
@@ -234,7 +236,7 @@ def _process(t: _Task) -> _Outcome:
     files = {v: (t.out / "images" / f"{variant_stem(s.stem, v)}.jpg",
                  t.out / "masks" / f"{variant_stem(s.stem, v)}.png") for v in t.variants}
     done = {v for v, (img, msk) in files.items() if img.is_file() and msk.is_file()}
-    res = _Outcome(s.stem, "reused", [])
+    res = _Outcome(s.stem, "reused", [], reused=len(done))
     for v in done:
         stem = variant_stem(s.stem, v)
         res.counts[stem], res.sizes[stem] = _read_target(files[v][1], n)
@@ -284,6 +286,7 @@ def _process(t: _Task) -> _Outcome:
         write_atomic(files[v][1], _encode(Image.fromarray(target), "PNG"))
         res.counts[stem] = np.bincount(target.ravel(), minlength=n)[:n]
         res.sizes[stem] = out_size
+        res.written += 1
     res.status = "written"
     return res
 
@@ -527,9 +530,9 @@ def prepare(src: str | Path, out: str | Path, size: int = 1024, classes: str = "
     path = out / MANIFEST
     if not (path.is_file() and path.read_text() == text):
         write_atomic(path, text.encode())
-    return PrepareResult(out, manifest, sum(o.status == "written" for o in outcomes),
-                         sum(o.status == "reused" for o in outcomes), problems,
-                         time.perf_counter() - t0)
+    written = sum(o.written for o in outcomes)
+    reused = sum(o.reused for o in outcomes if o.status != "bad")
+    return PrepareResult(out, manifest, written, reused, problems, time.perf_counter() - t0)
 
 
 def _merge(into: _Outcome, more: _Outcome) -> None:
