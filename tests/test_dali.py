@@ -37,16 +37,18 @@ def misaligned(x: torch.Tensor, y: torch.Tensor) -> int:
     return int((channel(x, 0) != y * 10).flatten(1).any(1).sum())
 
 
-@pytest.mark.parametrize("crop", [(32, 32), (56, 40)], ids=["crop", "pad"])
-def test_same_batches_as_the_torch_loader(coded_dataset, crop):
+@pytest.mark.parametrize("crop,workers", [((32, 32), 0), ((56, 40), 0), ((32, 32), 2)],
+                         ids=["crop", "pad", "crop-2workers"])
+def test_same_batches_as_the_torch_loader(coded_dataset, crop, workers):
     """Interchangeable: same shard order, crops, flips, normalization and padding (the
-    56-row crop is taller than the 48-row images: reflect padding, ignore-index mask)."""
+    56-row crop is taller than the 48-row images: reflect padding, ignore-index mask),
+    in every epoch, also when the torch loader's worker processes draw the crops."""
     idx = discover(coded_dataset)
     six = scheme("six")
     for rank in (0, 1):
         dl = make_dali_train_loader(idx, idx.samples, six, crop, 2, ctx(rank, 2), seed=3)
         ds = SegDataset(idx, idx.samples, six, crop, train=True, seed=3)
-        tl = make_train_loader(ds, 2, rank, 2, seed=3)
+        tl = make_train_loader(ds, 2, rank, 2, seed=3, num_workers=workers)
         assert len(dl) == len(tl) == 3 and dl.decoded == (crop[0] > 48)
         for epoch in (0, 1):
             dl.set_epoch(epoch)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 from segcore.data.classes import scheme
 from segcore.data.dataset import (MEAN, STD, AugmentParams, SegDataset, ShardSampler,
@@ -89,3 +90,43 @@ def test_train_shards_are_disjoint_and_eval_covers_each_once(coded_dataset):
     for n in (7, 12):
         got = sorted(i for r in range(2) for i in ShardSampler(n, r, 2))
         assert got == list(range(n))
+
+
+def set_epoch_like_the_trainer(loader, epoch: int) -> None:
+    """What ``Trainer._train`` does before each epoch: every object with ``set_epoch``."""
+    for obj in (getattr(loader, "sampler", None), loader, getattr(loader, "dataset", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def shuffled_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Rank 0 of 1's order for ``epoch``, computed independently of the loader."""
+    s = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed,
+                           drop_last=True)
+    s.set_epoch(epoch)
+    return list(s)
+
+
+def test_worker_processes_see_the_epoch(coded_dataset):
+    """Persistent workers hold copies of the dataset made at the first ``iter()``: the
+    epoch must reach them, or every epoch repeats epoch 0's crops and flips."""
+    idx = discover(coded_dataset)
+    six = scheme("six")
+    ds = SegDataset(idx, idx.samples, six, (32, 32), train=True, seed=3)
+    loader = make_train_loader(ds, 2, 0, 1, seed=3, num_workers=2)
+    reference = SegDataset(idx, idx.samples, six, (32, 32), train=True, seed=3)
+    images = {}
+    for epoch in (0, 1):
+        set_epoch_like_the_trainer(loader, epoch)
+        reference.set_epoch(epoch)  # in this process: indexed directly, no workers
+        order = shuffled_order(len(ds), 3, epoch)
+        got = [(x, y) for x, y in loader]
+        assert len(got) == len(order) // 2
+        for b, (x, y) in enumerate(got):
+            for j, i in enumerate(order[2 * b:2 * b + 2]):
+                rx, ry = reference[i]
+                assert torch.equal(y[j], ry), f"epoch {epoch} sample {i}: mask differs"
+                assert torch.equal(x[j], rx), f"epoch {epoch} sample {i}: image differs"
+                images[epoch, i] = x[j]
+    differ = sum(not torch.equal(images[0, i], images[1, i]) for i in range(len(ds)))
+    assert differ >= len(ds) - 1  # new crops and flips every epoch
