@@ -456,7 +456,11 @@ def discover(root: str | Path, strict: bool = False, validate_files: bool = Fals
         try:
             classes = read_class_csv(csv) if csv else SDD_CLASSES
         except (OSError, ValueError) as e:
-            raise DatasetError(f"class table {csv} cannot be read: {e}") from None
+            # read_class_csv's own errors name the file and line already.
+            what = str(e) if isinstance(e, ValueError) else f"class table {csv} cannot be " \
+                f"read: {e.strerror or e}"
+            raise DatasetError(f"{what}; the table needs a header 'name, r, g, b' and one "
+                               "row per class") from None
         if not classes or len(classes) > 255:
             raise DatasetError(f"class table {csv} holds {len(classes)} classes; expected "
                                "1 to 255 rows of 'name, r, g, b'")

@@ -383,7 +383,12 @@ def _open_out(out: Path, settings: dict) -> None:
                  "quality": "--quality", "threshold": "--unlabeled-threshold",
                  "offline_augment": "--offline-augment", "augment_seed": "--augment-seed"}
         keys = list(settings) + [k for k in previous if k not in settings]
-        diff = ", ".join(f"{flags.get(k, k)} {previous.get(k)} (now {settings.get(k)})"
+        unset = {"offline_augment": 1}  # keys left out of the settings at their default
+
+        def shown(d: dict, k: str):
+            return d.get(k, unset.get(k, "not set"))
+
+        diff = ", ".join(f"{flags.get(k, k)} {shown(previous, k)} (now {shown(settings, k)})"
                          for k in keys if previous.get(k) != settings.get(k)
                          and not (k == "names" and previous.get("scheme") != settings["scheme"]))
         raise DatasetError(f"--out {out} holds a cache prepared with other settings: {diff}; "
