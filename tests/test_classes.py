@@ -158,6 +158,9 @@ def _quoted(names):
     return ", ".join(f'"{n}"' for n in names)
 
 
+VALID = GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:]))
+
+
 @pytest.mark.parametrize("text,want", [
     (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:23])),
      r"source class\(es\) 'conflicting' are not mapped"),
@@ -165,18 +168,12 @@ def _quoted(names):
      r"source class 'window' is mapped twice \(in 'a' and 'b'\)"),
     (GOOD.format(a=_quoted(SDD_NAMES[:12] + ("lava",)), b=_quoted(SDD_NAMES[12:])),
      r"class 'a': source class 'lava' is not a Semantic Drone Dataset class"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        "color = [4, 5, 6]\n", ""), r"class 'b': color = None must be \[r, g, b\]"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        "[1, 2, 3]", "[1, 2, 300]"), r"class 'a': color = \[1, 2, 300\]"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        'name = "b"\n', ""), r"class #2: needs name"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        'name = "b"', 'name = "a"'), r"class 'a' is listed twice"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        'name = "mine"', 'name = "six"'), r"built-in scheme's name"),
-    (GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])).replace(
-        "sources", "source"), r"class 'a': unknown key\(s\) source"),
+    (VALID.replace("color = [4, 5, 6]\n", ""), r"class 'b': color = None must be \[r, g, b\]"),
+    (VALID.replace("[1, 2, 3]", "[1, 2, 300]"), r"class 'a': color = \[1, 2, 300\]"),
+    (VALID.replace('name = "b"\n', ""), r"class #2: needs name"),
+    (VALID.replace('name = "b"', 'name = "a"'), r"class 'a' is listed twice"),
+    (VALID.replace('name = "mine"', 'name = "six"'), r"built-in scheme's name"),
+    (VALID.replace("sources", "source"), r"class 'a': unknown key\(s\) source"),
     ("name = [", r"not valid TOML"),
     ('name = "x"\n', r"needs 2 to 255 \[\[classes\]\]"),
 ])
@@ -192,7 +189,7 @@ def test_class_map_errors_name_the_file_and_the_class(tmp_path, text, want):
 
 def test_a_valid_custom_map_and_a_missing_file(tmp_path):
     path = tmp_path / "fold.toml"
-    path.write_text(GOOD.format(a=_quoted(SDD_NAMES[:12]), b=_quoted(SDD_NAMES[12:])))
+    path.write_text(VALID)
     s = load_class_map(path)
     assert s.name == "mine" and s.lut[:24].tolist() == [0] * 12 + [1] * 12
     assert not s.is_binary  # a two-class map is a softmax model like any map
