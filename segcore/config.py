@@ -176,7 +176,8 @@ class DataConfig:
         _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
 
     def _check_classes(self) -> None:
-        from segcore.data.classes import BINARY_SCHEMES, ClassMapError, load_class_map
+        from segcore.data.classes import (BINARY_SCHEMES, DEFAULT_UNLABELED_THRESHOLD,
+                                          ClassMapError, load_class_map)
 
         if self.class_map is not None:
             if not isinstance(self.class_map, str) or not self.class_map:
@@ -195,7 +196,7 @@ class DataConfig:
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
             raise ConfigError(f"data.unlabeled_threshold = {t!r} must be a finite number of "
                               "standard deviations, e.g. 0.5 (the study's code) or 0 (the mean)")
-        if t != 0.5 and self.class_scheme != "unlabeled-binary":
+        if t != DEFAULT_UNLABELED_THRESHOLD and self.class_scheme != "unlabeled-binary":
             raise ConfigError(f"data.unlabeled_threshold = {t} only applies to class_scheme "
                               f"'unlabeled-binary', not {self.class_scheme!r}")
         _choice("data", "pred_threshold", self.pred_threshold, PRED_THRESHOLDS)

@@ -270,3 +270,23 @@ def test_full_cache_serves_every_scheme_and_other_caches_refuse(tmp_path):
     prepare(tmp_path / "src", tmp_path / "six", size=256, workers=1)
     with pytest.raises(DatasetError, match="--out NEW_DIR --classes full to train on study-5"):
         discover(tmp_path / "six").load_mask(s, five)
+
+
+def test_dali_serves_unlabeled_binary_like_the_torch_loader(coded_dataset):
+    pytest.importorskip("nvidia.dali")
+    from types import SimpleNamespace
+
+    from segcore.data.dali import make_dali_train_loader
+    from segcore.data.dataset import SegDataset, make_train_loader
+
+    idx = discover(coded_dataset)
+    sch = scheme("unlabeled-binary", threshold=0.0)
+    cpu = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    dl = make_dali_train_loader(idx, idx.samples, sch, (32, 32), 2, cpu, seed=3)
+    tl = make_train_loader(SegDataset(idx, idx.samples, sch, (32, 32), seed=3), 2, 0, 1,
+                           seed=3)
+    assert dl.decoded  # per-image targets: computed by the source, not a DALI lookup
+    batches = list(zip(dl, tl))
+    assert len(batches) == 6
+    for (_, ya), (_, yb) in batches:
+        assert torch.equal(ya, yb) and set(ya.unique().tolist()) <= {0, 1}
