@@ -349,6 +349,7 @@ def test_offline_augment_is_deterministic_per_seed_and_resumable(tmp_path):
     # A finished cache is reused as it is; other augmentation settings are refused.
     again = prepare(tmp_path / "src", tmp_path / "a", size=72, workers=1, offline_augment=4)
     assert (again.written, again.reused) == (0, a.written)
+    assert again.manifest == a.manifest
     with pytest.raises(DatasetError, match="--offline-augment 4 \\(now 1\\)"):
         prepare(tmp_path / "src", tmp_path / "a", size=72, workers=1)
     with pytest.raises(DatasetError, match="--augment-seed 0 \\(now 3\\)"):

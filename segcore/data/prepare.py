@@ -111,12 +111,8 @@ def load_resized_image(path: Path, size: int) -> tuple[Image.Image, tuple[int, i
     Returns:
         (RGB image at the working size, (width, height) of the source).
     """
-    with Image.open(path) as im:
-        src = im.size
-        tw, th = target_size(*src, size)
-        if im.format == "JPEG" and (tw, th) != src:
-            im.draft("RGB", (tw, th))
-        rgb = im.convert("RGB")
+    rgb, src = _decode_image(path, size)
+    tw, th = target_size(*src, size)
     if rgb.size != (tw, th):
         # reducing_gap: a cheap box reduction first for large ratios, visually identical.
         rgb = rgb.resize((tw, th), Image.Resampling.LANCZOS, reducing_gap=3.0)
@@ -214,11 +210,15 @@ def make_variant(image: Image.Image, labels: Image.Image, src: tuple[int, int],
     return image, labels
 
 
-def _decode_image(path: Path, need: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """RGB photo decoded at the smallest JPEG DCT scale still at least ``need``, and the
-    source (width, height)."""
+def _decode_image(path: Path, size: int,
+                  margin: float = 1.0) -> tuple[Image.Image, tuple[int, int]]:
+    """The RGB photo decoded at the smallest JPEG DCT scale that still holds its working
+    size (long side ``size``) divided by ``margin`` (a crop of ``margin`` of each side
+    then still holds the working size), and the source (width, height)."""
     with Image.open(path) as im:
         src = im.size
+        tw, th = target_size(*src, size)
+        need = (math.ceil(tw / margin), math.ceil(th / margin))
         if im.format == "JPEG" and need[0] < src[0] and need[1] < src[1]:
             im.draft("RGB", need)
         return im.convert("RGB"), src
@@ -241,6 +241,10 @@ def _process(t: _Task) -> _Outcome:
         stem = variant_stem(s.stem, v)
         res.counts[stem], res.sizes[stem] = _read_target(files[v][1], n)
     if len(done) == len(t.variants):
+        if "crop" in done:  # the manifest records the window of a finished crop too
+            with Image.open(s.image) as im:
+                res.boxes[variant_stem(s.stem, "crop")] = list(
+                    crop_box(s.stem, *im.size, t.augment_seed))
         return res
 
     image = img_size = decoded = None
@@ -248,12 +252,8 @@ def _process(t: _Task) -> _Outcome:
     # Decode once for every variant; a decode that fails is left to check_pair, which
     # decodes the file again to report it in validate()'s words.
     try:
-        with Image.open(s.image) as im:
-            w0, h0 = im.size
-        tw, th = target_size(w0, h0, t.size)
-        # The crop's window must still hold the working size after the draft.
-        scale = CROP_FRACTION if "crop" in t.variants else 1.0
-        image, img_size = _decode_image(s.image, (math.ceil(tw / scale), math.ceil(th / scale)))
+        image, img_size = _decode_image(s.image, t.size,
+                                        CROP_FRACTION if "crop" in t.variants else 1.0)
     except Exception as e:  # any decoder error: reported below
         errors.append(f"corrupt image: {s.image} ({type(e).__name__}: {e})")
     try:
