@@ -84,7 +84,9 @@ def test_train_shards_are_disjoint_and_eval_covers_each_once(coded_dataset):
         for rank in (0, 1):
             loader = make_train_loader(ds, 2, rank, 2, seed=0)
             loader.sampler.set_epoch(epoch)
-            seen.append(set(loader.sampler))
+            pairs = list(loader.sampler)
+            assert {e for e, _ in pairs} == {epoch}  # the epoch travels with each index
+            seen.append({i for _, i in pairs})
         assert not seen[0] & seen[1]
         assert seen[0] | seen[1] == set(range(len(ds)))
     for n in (7, 12):

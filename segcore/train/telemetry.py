@@ -1,9 +1,11 @@
 """Measurement helpers: step timing, NVML sampling, memory, FLOP counts and MFU.
 
-Everything here follows DESIGN.md section 5: warm up before the clock, synchronize the
-device before every timestamp, report throughput as images / wall time over the measured
-steps, report the data-wait share separately, and report memory both from the allocator
-and from the device. Nothing here prints or keeps global state (the only module-level
+Everything here follows DESIGN.md section 5: warm up before the clock, time with CUDA
+events on a GPU (the host is never made to wait for the device inside a measurement
+window; one wait at its end), report throughput as images / wall time over the measured
+steps, report the data-wait share separately, report memory per phase, both from the
+allocator and from the device, and report MFU against both the datasheet peak and a
+measured GEMM ceiling. Nothing here prints or keeps global state (the only module-level
 object is a pure memoization cache for the measured matmul peak).
 
 Units: ``*_mb`` values are MiB (2**20 bytes), like ``nvidia-smi`` and
@@ -30,6 +32,9 @@ from segcore.precision import DTYPES
 
 __all__ = [
     "StepTimer",
+    "HostMarks",
+    "CudaEventMarks",
+    "step_timer",
     "NvmlSampler",
     "cuda_sync_fn",
     "host_rss_mb",
@@ -40,6 +45,10 @@ __all__ = [
     "train_flops_per_image",
     "forward_flops_per_image",
     "device_peak_tflops",
+    "measured_gemm_tflops",
+    "cuda_math",
+    "set_cuda_math",
+    "PhasePeaks",
     "mfu",
     "PEAK_TFLOPS_TABLE",
 ]
@@ -49,6 +58,65 @@ _NAN = float("nan")
 
 
 # --------------------------------------------------------------------------- step timer
+
+
+class HostMarks:
+    """Timestamps from a host clock.
+
+    CPU work is synchronous, so there the host clock is the device clock. With ``sync``
+    (``cuda_sync_fn``) every mark first waits for the whole device: the per-step timing
+    that keeps a GPU from running ahead of the host, kept only to put a number on that
+    effect (``bench/gpu_check.py``).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 sync: Callable[[], None] | None = None) -> None:
+        self.clock, self.sync = clock, sync
+        self.kind = "host_clock_synced" if sync is not None else "host_clock"
+
+    def mark(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        return float(self.clock())
+
+    def done(self, token: float) -> bool:
+        return True
+
+    def wait(self, token: float) -> None:
+        pass
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+
+class CudaEventMarks:
+    """Timestamps as CUDA events on the current stream: nothing waits when a mark is set.
+
+    The host keeps queueing kernels while the GPU works through earlier ones; an event
+    records when the GPU *reaches* it in stream order, so the time between two events is
+    what the GPU spent on the work between them, idle gaps (waiting for the host or the
+    data) included. Events are read after one wait on the last of them
+    (:meth:`StepTimer.summary`), not at every step.
+    """
+
+    kind = "cuda_events"
+
+    def __init__(self, device: Any) -> None:
+        self.device = _as_device(device)
+
+    def mark(self) -> Any:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def done(self, token: Any) -> bool:
+        return bool(token.query())
+
+    def wait(self, token: Any) -> None:
+        token.synchronize()  # this event only: not a device-wide synchronize
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end)) / 1e3
 
 
 class StepTimer:
@@ -61,70 +129,94 @@ class StepTimer:
         t.compute_done()   # forward + backward finished
         t.end(n_images)    # optimizer step finished
 
-    so that ``data wait = data_ready - begin``, ``fwd_bwd = compute_done - data_ready``,
-    ``optim = end - compute_done`` and ``step = end - begin``. ``data_ready`` and
-    ``compute_done`` are optional; a phase whose marks a step skipped is NaN for that
-    step and left out of that phase's statistics.
+    so that ``fwd_bwd = compute_done - data_ready``, ``optim = end - compute_done`` and
+    ``step = end - begin`` on the device's timeline (``marks``), and ``data wait`` is the
+    host time from ``begin`` to ``data_ready``: how long the host was blocked on the next
+    batch. ``data_ready`` and ``compute_done`` are optional; a phase whose marks a step
+    skipped is NaN for that step and left out of that phase's statistics.
 
-    Each mark calls ``sync()`` first because CUDA kernels run asynchronously: without a
-    device synchronize the timestamp would measure kernel *launch*, not execution.
+    On a CPU the marks are host timestamps. On a GPU they are CUDA events
+    (:class:`CudaEventMarks`, see :func:`step_timer`): the host runs ahead as it does
+    without a timer, and the events are read once, at :meth:`summary`.
 
     Args:
         warmup_steps: number of leading steps that are counted but excluded from every
             statistic (compilation, cuDNN autotuning and allocator growth happen there).
-        sync: called before every timestamp, e.g. ``cuda_sync_fn(device)``; ``None``
-            for CPU.
-        clock: monotonic clock in seconds; injectable so tests can use a fake clock.
+        sync: called before every host timestamp (the legacy per-step synchronized
+            timing, e.g. ``cuda_sync_fn(device)``); ``None`` for none. Only with the
+            default host ``marks``.
+        clock: monotonic host clock in seconds; injectable so tests can use a fake clock.
+        marks: the device timeline (:class:`HostMarks` or :class:`CudaEventMarks`, or any
+            object with ``mark/done/wait/seconds``); ``None``: the host clock.
     """
 
+    # Steps whose events are kept unread before the timer reads the finished ones (a
+    # non-blocking query): bounds the events alive in a long accuracy run.
+    RESOLVE_EVERY = 512
+
     def __init__(self, warmup_steps: int, sync: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 marks: Any = None) -> None:
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) \
                 or warmup_steps < 0:
             raise ValueError(f"warmup_steps = {warmup_steps!r} must be an integer >= 0")
+        if marks is not None and sync is not None:
+            raise ValueError("StepTimer: pass sync= (host clock) or marks=, not both")
         self.warmup_steps = warmup_steps
-        self._sync = sync
         self._clock = clock
+        # On the host clock the device marks are the host timestamps: one clock read.
+        self._host_is_device = marks is None
+        self._marks = marks if marks is not None else HostMarks(clock, sync)
         self.steps = 0  # completed steps, warm-up included
-        self._images_total = 0
-        # Per measured step (parallel lists); NaN where a phase mark was skipped.
+        # Resolved, per measured step (parallel lists); NaN where a mark was skipped.
         self._step_s: list[float] = []
         self._data_s: list[float] = []
         self._fwd_bwd_s: list[float] = []
         self._optim_s: list[float] = []
         self._images: list[int] = []
-        self._first_begin: float | None = None
-        self._last_end: float | None = None
-        self._paused_s = 0.0  # time inside paused() between measured steps
-        self._pending_pause_s = 0.0  # counted once a later measured step ends
-        self._t_begin: float | None = None
-        self._t_data: float | None = None
-        self._t_compute: float | None = None
+        # Measured steps whose device marks are not read yet:
+        # (begin, data, compute, end, host data wait s, images).
+        self._unread: list[tuple[Any, Any, Any, Any, float, int]] = []
+        self._first_begin: Any = None
+        self._last_end: Any = None
+        self._pauses: list[tuple[Any, Any]] = []  # between measured steps
+        self._pending_pauses: list[tuple[Any, Any]] = []  # counted once a later step ends
+        self._t_begin: Any = None
+        self._t_data: Any = None
+        self._t_compute: Any = None
+        self._h_begin = 0.0
+        self._h_data = _NAN
+
+    @property
+    def method(self) -> str:
+        """How steps are timed: ``host_clock``, ``host_clock_synced`` or ``cuda_events``."""
+        return str(self._marks.kind)
 
     # -- marks -------------------------------------------------------------------------
 
-    def _now(self) -> float:
-        if self._sync is not None:
-            self._sync()
+    def _host_now(self) -> float:
         return float(self._clock())
 
     def begin(self) -> None:
         """Mark the start of a step (before the batch is fetched)."""
         if self._t_begin is not None:
             raise RuntimeError("StepTimer.begin() called twice without end()")
-        self._t_begin = self._now()
+        self._t_begin = self._marks.mark()
+        self._h_begin = self._t_begin if self._host_is_device else self._host_now()
         self._t_data = None
         self._t_compute = None
+        self._h_data = _NAN
 
     def data_ready(self) -> None:
-        """Mark that the batch is on the device."""
+        """Mark that the batch is on the device (its copy queued, on a GPU)."""
         self._require_open("data_ready")
-        self._t_data = self._now()
+        self._t_data = self._marks.mark()
+        self._h_data = self._t_data if self._host_is_device else self._host_now()
 
     def compute_done(self) -> None:
-        """Mark that forward and backward have finished."""
+        """Mark that forward and backward have finished (been queued, on a GPU)."""
         self._require_open("compute_done")
-        self._t_compute = self._now()
+        self._t_compute = self._marks.mark()
 
     def end(self, n_images: int) -> None:
         """Mark the end of a step (after the optimizer step).
@@ -134,7 +226,7 @@ class StepTimer:
                 local batch for a per-rank timer).
         """
         self._require_open("end")
-        t_end = self._now()
+        t_end = self._marks.mark()
         t0, td, tc = self._t_begin, self._t_data, self._t_compute
         self._t_begin = None
         # Counting before the comparison is what makes warm-up exclusion work; a counter
@@ -142,46 +234,64 @@ class StepTimer:
         self.steps += 1
         if self.steps <= self.warmup_steps:
             return
-        assert t0 is not None
         if self._first_begin is None:
             self._first_begin = t0
         self._last_end = t_end
-        self._paused_s += self._pending_pause_s
-        self._pending_pause_s = 0.0
-        self._step_s.append(t_end - t0)
-        self._data_s.append(td - t0 if td is not None else _NAN)
-        # Without data_ready the compute phase has no start, so it is left unknown rather
-        # than silently including the data wait.
-        self._fwd_bwd_s.append(tc - td if (tc is not None and td is not None) else _NAN)
-        self._optim_s.append(t_end - tc if tc is not None else _NAN)
-        self._images.append(int(n_images))
+        self._pauses.extend(self._pending_pauses)
+        self._pending_pauses = []
+        wait = self._h_data - self._h_begin if td is not None else _NAN
+        self._unread.append((t0, td, tc, t_end, wait, int(n_images)))
+        if len(self._unread) >= self.RESOLVE_EVERY:
+            self._read(block=False)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Exclude a stretch between steps (validation, checkpointing) from ``wall_s``.
 
         Without it a run that validates every epoch would report a training throughput
-        diluted by evaluation time.
+        diluted by evaluation time. On a GPU the stretch is measured on the device's
+        timeline too, so work queued before the pause still counts as training.
         """
         if self._t_begin is not None:
             raise RuntimeError("StepTimer.paused() inside an open step")
-        t0 = self._now()
+        t0 = self._marks.mark()
         try:
             yield
         finally:
             if self._first_begin is not None:
-                self._pending_pause_s += self._now() - t0
+                self._pending_pauses.append((t0, self._marks.mark()))
 
     def _require_open(self, name: str) -> None:
         if self._t_begin is None:
             raise RuntimeError(f"StepTimer.{name}() called before begin()")
+
+    def _read(self, block: bool) -> None:
+        """Turn device marks into seconds: all of them (``block``: one wait, on the last
+        mark), or, without blocking, those of the steps the device has finished."""
+        m = self._marks
+        if block and self._unread:
+            m.wait(self._unread[-1][3])
+        n = 0
+        for t0, td, tc, te, wait, images in self._unread:
+            if not block and not m.done(te):
+                break
+            self._step_s.append(m.seconds(t0, te))
+            self._data_s.append(wait)
+            # Without data_ready the compute phase has no start, so it is left unknown
+            # rather than silently including the data wait.
+            self._fwd_bwd_s.append(m.seconds(td, tc) if (tc is not None and td is not None)
+                                   else _NAN)
+            self._optim_s.append(m.seconds(tc, te) if tc is not None else _NAN)
+            self._images.append(images)
+            n += 1
+        del self._unread[:n]
 
     # -- results -----------------------------------------------------------------------
 
     @property
     def measured_steps(self) -> int:
         """Steps completed after the warm-up."""
-        return len(self._step_s)
+        return len(self._step_s) + len(self._unread)
 
     @property
     def in_warmup(self) -> bool:
@@ -189,7 +299,9 @@ class StepTimer:
         return self.steps < self.warmup_steps
 
     def step_times_ms(self) -> list[float]:
-        """Measured step times in milliseconds, in order (e.g. for plots or repeats)."""
+        """Measured step times in milliseconds, in order (e.g. for plots or repeats).
+        On a GPU this waits for the last measured step to finish."""
+        self._read(block=True)
         return [s * 1e3 for s in self._step_s]
 
     def summary(self) -> dict[str, Any]:
@@ -204,14 +316,18 @@ class StepTimer:
             its 95 % interval (:func:`batch_means_ci`), ``step_ms_p50/p90/p99`` (each
             NaN below :data:`PERCENTILE_MIN_SAMPLES` steps), ``step_ms_mean``,
             ``step_ms_std`` (sample std, 0 for one step), ``data_wait_pct`` (sum of data waits / sum of step times
-            * 100), ``fwd_bwd_ms_p50`` and ``optim_ms_p50``. Statistics are NaN when
-            there are no measured steps or the phase was never marked.
+            * 100), ``fwd_bwd_ms_p50``, ``optim_ms_p50`` and ``timing_method``
+            (:attr:`method`). Statistics are NaN when there are no measured steps or the
+            phase was never marked. On a GPU this is the window's one wait for the device
+            (on the last step's event).
         """
+        self._read(block=True)
         n = self.measured_steps
         out: dict[str, Any] = {
             "warmup_steps": min(self.steps, self.warmup_steps),
             "measured_steps": n,
             "images": int(sum(self._images)),
+            "timing_method": self.method,
         }
         nan_keys = ("wall_s", "throughput_img_s", "step_ms_p50", "step_ms_p90",
                     "step_ms_p99", "throughput_ci95_lo", "throughput_ci95_hi",
@@ -221,8 +337,9 @@ class StepTimer:
             out.update({k: _NAN for k in nan_keys})
             return out
         step_ms = np.asarray(self._step_s, dtype=np.float64) * 1e3
-        wall = float(self._last_end - self._first_begin  # type: ignore[operator]
-                     - self._paused_s)
+        m = self._marks
+        paused = sum(m.seconds(a, b) for a, b in self._pauses)
+        wall = m.seconds(self._first_begin, self._last_end) - paused
         out["wall_s"] = wall
         out["throughput_img_s"] = out["images"] / wall if wall > 0 else _NAN
         # A tail percentile from a handful of samples is the maximum in disguise: each
@@ -295,6 +412,22 @@ def _nan_median_ms(values_s: list[float]) -> float:
     arr = np.asarray(values_s, dtype=np.float64)
     arr = arr[~np.isnan(arr)]
     return float(np.median(arr) * 1e3) if arr.size else _NAN
+
+
+def step_timer(warmup_steps: int, device: Any, per_step_sync: bool = False) -> StepTimer:
+    """The step timer for ``device``.
+
+    CUDA: CUDA events on the current stream (:class:`CudaEventMarks`), so the host runs
+    ahead of the GPU as it does untimed; ``per_step_sync`` instead synchronizes the device
+    at every mark (the old behaviour, which understates a small configuration's
+    throughput: only for measuring that). Elsewhere: the host clock.
+    """
+    dev = _as_device(device)
+    if dev.type != "cuda":
+        return StepTimer(warmup_steps)
+    if per_step_sync:
+        return StepTimer(warmup_steps, sync=cuda_sync_fn(dev))
+    return StepTimer(warmup_steps, marks=CudaEventMarks(dev))
 
 
 def cuda_sync_fn(device: Any) -> Callable[[], None] | None:
@@ -552,6 +685,80 @@ def reset_allocator_peak(device: Any) -> None:
         torch.cuda.reset_peak_memory_stats(dev)
 
 
+class PhasePeaks:
+    """Peak memory per phase of a run, so that one phase's peak does not pass for another's.
+
+    Phases: ``warmup`` (set-up and warm-up steps: cuDNN autotuning workspaces, compile,
+    allocator growth), ``train`` (steps after the warm-up: what a batch size or depth
+    costs) and ``val`` (validation at full evaluation size). Entering a phase folds the
+    running peak into the phase being left and resets the peak mark.
+
+    CUDA: the caching allocator's peak (``max_memory_allocated``), in MiB. Elsewhere: the
+    process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) above
+    ``baseline_mb``; RSS is a coarser measure (memory a phase freed may still be resident
+    in the next).
+
+    Args:
+        device: the training device.
+        baseline_mb: host RSS that is not the workload (imports, data, model), subtracted
+            on the host path.
+    """
+
+    PHASES = ("warmup", "train", "val")
+
+    def __init__(self, device: Any, baseline_mb: float = 0.0) -> None:
+        self.device = _as_device(device)
+        self.baseline_mb = float(baseline_mb)
+        self.source = "allocator" if self.device.type == "cuda" else "host_peak_rss"
+        self.phase: str | None = None
+        self.peaks: dict[str, float] = {}
+
+    def _current(self) -> float:
+        alloc = allocator_peak_mb(self.device)
+        if alloc is not None:
+            return alloc
+        return max(0.0, host_peak_rss_mb() - self.baseline_mb)
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            reset_allocator_peak(self.device)
+        else:
+            reset_host_peak_rss()
+
+    def _fold(self) -> None:
+        if self.phase is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), self._current())
+
+    def enter(self, phase: str | None) -> None:
+        """Close the current phase and start ``phase`` (``None``: stop recording)."""
+        if phase is not None and phase not in self.PHASES:
+            raise ValueError(f"phase = {phase!r}; choose one of {', '.join(self.PHASES)}")
+        if phase == self.phase:
+            return
+        self._fold()
+        self._reset()
+        self.phase = phase
+
+    @contextlib.contextmanager
+    def during(self, phase: str) -> Iterator[None]:
+        """Record a nested phase (validation inside training), then return to the outer."""
+        outer = self.phase
+        self.enter(phase)
+        try:
+            yield
+        finally:
+            self.enter(outer)
+
+    def result(self) -> dict[str, float | None]:
+        """``{"warmup_mb", "train_mb", "val_mb", "overall_mb"}`` (None: phase not seen);
+        the current phase's peak so far is included."""
+        self._fold()
+        out: dict[str, float | None] = {f"{p}_mb": self.peaks.get(p) for p in self.PHASES}
+        seen = [v for v in self.peaks.values() if v is not None]
+        out["overall_mb"] = max(seen) if seen else None
+        return out
+
+
 # --------------------------------------------------------------------------- FLOPs
 
 
@@ -693,8 +900,8 @@ def device_peak_tflops(device: Any, dtype: Any, tf32: bool | None = None) -> tup
         device: ``torch.device`` or string.
         dtype: ``torch.float32/bfloat16/float16`` or ``"fp32"/"bf16"/"fp16"``.
         tf32: for fp32 on CUDA, whether TF32 tensor cores are in use; ``None`` reads
-            ``torch.backends.cudnn.allow_tf32`` (on by default) because a U-Net's FLOPs
-            are almost all convolutions.
+            whether cuDNN convolutions use TF32 (:func:`cuda_math`), because a U-Net's
+            FLOPs are almost all convolutions.
 
     Returns:
         ``(peak_tflops, source)``: a datasheet value for known GPUs (source
@@ -706,26 +913,52 @@ def device_peak_tflops(device: Any, dtype: Any, tf32: bool | None = None) -> tup
     dt = _dtype_name(dtype)
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
-        use_tf32 = bool(torch.backends.cudnn.allow_tf32) if tf32 is None else bool(tf32)
+        use_tf32 = cuda_math()["tf32_conv"] if tf32 is None else bool(tf32)
         hit = _table_peak(name, dt, use_tf32)
         if hit is not None:
             return hit
-        dev_key = f"cuda:{name}"
+    return measured_gemm_tflops(dev, dt)
+
+
+def measured_gemm_tflops(device: Any, dtype: Any) -> tuple[float, str]:
+    """What a large dense matmul reaches on this device: a practical ceiling, memoized.
+
+    A datasheet peak is rarely reached even by a GEMM (an H200 runs a large bf16 GEMM at
+    ~790 of its 989 TFLOP/s), and a U-Net of 16-128 channels cannot feed the tensor cores
+    the way a GEMM does, so MFU against the datasheet reads a few percent and looks like a
+    bug. Against this ceiling it says how far the model is from what the device does in
+    practice.
+
+    CUDA: an 8192^3 matmul (fp32 under the current TF32 setting), timed with CUDA events
+    over 10 repeats after a warm-up, best of 3. CPU: grown from 256 until one product
+    takes 50 ms (at most 2048), best of up to 5.
+
+    Returns:
+        ``(tflops, source)``, source like ``"measured matmul 8192x8192 bf16"``.
+    """
+    dev = _as_device(device)
+    dt = _dtype_name(dtype)
+    if dev.type == "cuda":
+        dev_key = f"cuda:{torch.cuda.get_device_name(dev)}"
+        tf32 = dt == "fp32" and cuda_math()["tf32_matmul"]
     else:
-        dev_key = dev.type
-    tflops, n = _measured_matmul_tflops(dev_key, str(dev), dt, torch.get_num_threads())
-    return tflops, f"measured matmul {n}x{n}"
+        dev_key, tf32 = dev.type, False
+    tflops, n = _measured_matmul_tflops(dev_key, str(dev), dt, torch.get_num_threads(),
+                                        tf32)
+    return tflops, f"measured matmul {n}x{n} {'tf32' if tf32 else dt}"
 
 
 @functools.lru_cache(maxsize=32)
 def _measured_matmul_tflops(dev_key: str, device: str, dt: str,
-                            threads: int) -> tuple[float, int]:
-    # dev_key and threads are part of the cache key only: the peak depends on them.
-    del dev_key, threads
+                            threads: int, tf32: bool) -> tuple[float, int]:
+    # dev_key, threads and tf32 are part of the cache key only: the peak depends on them.
+    del dev_key, threads, tf32
     dev = torch.device(device)
     dtype = DTYPES[dt]
+    if dev.type == "cuda":
+        return _cuda_gemm_tflops(dev, dtype), _CUDA_GEMM_N
     sync = cuda_sync_fn(dev) or (lambda: None)
-    n_max = 8192 if dev.type == "cuda" else 2048
+    n_max = 2048
 
     def timed(a: torch.Tensor, b: torch.Tensor) -> float:
         sync()
@@ -755,6 +988,91 @@ def _measured_matmul_tflops(dev_key: str, device: str, dt: str,
         if spent > 0.5:
             break
     return 2.0 * n ** 3 / best / 1e12, n
+
+
+_CUDA_GEMM_N = 8192
+
+
+def _cuda_gemm_tflops(dev: torch.device, dtype: torch.dtype, reps: int = 10) -> float:
+    n = _CUDA_GEMM_N
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    c = torch.empty(n, n, device=dev, dtype=dtype)
+    stream = torch.cuda.current_stream(dev)
+    for _ in range(3):  # kernel selection, clocks ramping up
+        torch.matmul(a, b, out=c)
+    best = math.inf
+    for _ in range(3):
+        start = torch.cuda.Event(enable_timing=True)
+        stop = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for _ in range(reps):
+            torch.matmul(a, b, out=c)
+        stop.record(stream)
+        stop.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3 / reps)
+    del a, b, c
+    return 2.0 * n ** 3 / best / 1e12
+
+
+# --------------------------------------------------------------------------- CUDA math
+
+
+def _tf32_api_new() -> bool:
+    """torch >= 2.9 sets TF32 per backend with ``fp32_precision`` (and refuses to read
+    the legacy ``allow_tf32`` flags once the new API was used)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    return (hasattr(torch.backends.cuda.matmul, "fp32_precision")
+            and hasattr(conv, "fp32_precision"))
+
+
+def _effective_tf32(value: str, default: bool) -> bool:
+    # "none" inherits from the parent (torch.backends.fp32_precision); "none" there too
+    # means the legacy default: TF32 off for matmuls, on for cuDNN convolutions.
+    if value == "none":
+        value = getattr(torch.backends, "fp32_precision", "none")
+    return default if value == "none" else value == "tf32"
+
+
+def cuda_math() -> dict[str, Any]:
+    """The CUDA math settings in force: what a row or a benchmark records.
+
+    Returns:
+        ``cudnn_benchmark``, ``tf32_matmul``, ``tf32_conv`` (bools) and ``tf32_api``
+        (``"fp32_precision"`` or ``"allow_tf32"``).
+    """
+    out: dict[str, Any] = {"cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+    if _tf32_api_new():
+        out.update(tf32_matmul=_effective_tf32(torch.backends.cuda.matmul.fp32_precision,
+                                               False),
+                   tf32_conv=_effective_tf32(torch.backends.cudnn.conv.fp32_precision, True),
+                   tf32_api="fp32_precision")
+    else:
+        out.update(tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+                   tf32_conv=bool(torch.backends.cudnn.allow_tf32), tf32_api="allow_tf32")
+    return out
+
+
+def set_cuda_math(tf32: bool = True, cudnn_benchmark: bool = True) -> dict[str, Any]:
+    """Apply the training's CUDA math settings (run.py and the benchmarks alike).
+
+    cuDNN autotuning picks the fastest convolution for each shape (the warm-up steps pay
+    for it); TF32 runs fp32 matmuls and convolutions on tensor cores (Ampere and later).
+    Uses ``fp32_precision`` on torch >= 2.9, the legacy ``allow_tf32`` flags before.
+
+    Returns:
+        :func:`cuda_math` after the change.
+    """
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    if _tf32_api_new():
+        value = "tf32" if tf32 else "ieee"
+        torch.backends.cuda.matmul.fp32_precision = value
+        torch.backends.cudnn.conv.fp32_precision = value
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+    return cuda_math()
 
 
 def mfu(throughput_img_s: float, flops_per_image: float, peak_tflops: float,
