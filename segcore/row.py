@@ -20,11 +20,11 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
     """
     import torch
 
-    from segcore.data.classes import scheme as make_scheme
+    from segcore.data.classes import scheme_for
     from segcore.model import build_model, count_params
 
     m, d, t = cfg.model, cfg.data, cfg.train
-    sch = make_scheme(d.class_scheme)
+    sch = scheme_for(d)
     with torch.device("meta"):
         params = count_params(build_model(m, sch.num_classes, binary=sch.is_binary))
     return {

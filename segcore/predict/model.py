@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from segcore.config import ConfigError, RunConfig
-from segcore.data.classes import ClassScheme, scheme as make_scheme
+from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.images import one_line
 from segcore.predict import PredictError
 from segcore.train.checkpoint import CheckpointError, load_checkpoint
@@ -86,7 +86,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     except (ConfigError, TypeError) as e:
         raise PredictError(f"checkpoint {path} holds an invalid config: "
                            f"{one_line(e)}") from None
-    sch = make_scheme(cfg.data.class_scheme)
+    sch = scheme_for(cfg.data)
     names = ckpt.get("class_names")
     if names is not None and tuple(names) != sch.names:
         raise PredictError(f"checkpoint {path}: its class_names {list(names)} are not those "

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from segcore.data.classes import ClassScheme  # noqa: E402
 from segcore.data.classes import IGNORE_INDEX
 from segcore.data.dataset import MEAN, STD  # noqa: E402
-from segcore.metrics import logits_to_pred, normalized_confusion  # noqa: E402
+from segcore.metrics import normalized_confusion  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -81,7 +81,7 @@ def plot_samples(model, loader, scheme: ClassScheme, device, channels_last: bool
         xd = x.to(device)
         if channels_last:
             xd = xd.contiguous(memory_format=torch.channels_last)
-        pred = logits_to_pred(model(xd).float()).cpu()
+        pred = scheme.predict(model(xd).float()).cpu()
         for i in range(x.shape[0]):
             rows.append((x[i], y[i], pred[i]))
             if len(rows) >= n:

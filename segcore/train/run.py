@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from segcore.config import ConfigError, RunConfig, dump_config, resolve
-from segcore.data.classes import ClassScheme, scheme as make_scheme
+from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.dataset import (SegDataset, SyntheticBatches, make_eval_loader,
                                   make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
@@ -217,7 +217,7 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
                mAcc=m.get("mAcc"),
                train_loss_first=float(np.mean(losses[:tail])) if losses else None,
                train_loss_last=float(np.mean(losses[-tail:])) if losses else None)
-    sch = make_scheme(cfg.data.class_scheme)
+    sch = scheme_for(cfg.data)
     # The study's columns: F1 of the positive class (binary) or the macro F1, and the
     # mean of the normalized confusion diagonal (segcore.sweep.study defines them).
     row["F1"] = m.get(f"Dice.{sch.names[1]}") if sch.is_binary else m.get("mDice")
@@ -269,15 +269,15 @@ def run(cfg: RunConfig, log: Log = print,
                  "thread(s) — CPU timings show code paths and relative effects, not GPU "
                  "performance" if ctx.device.type == "cpu"
                  else f"{ctx.world_size} x {device_name(ctx.device)}")
+        scheme = scheme_for(cfg.data)
         say(f"run {cfg.run_id or out.name}: {cfg.model.arch} U-Net widths "
-            f"{list(cfg.model.widths)}, {cfg.data.class_scheme} classes, engine "
-            f"{cfg.train.engine}, {cfg.train.precision}, on {where}")
+            f"{list(cfg.model.widths)}, {scheme.name} classes ({scheme.num_classes}), "
+            f"engine {cfg.train.engine}, {cfg.train.precision}, on {where}")
         if cond["oversubscribed"]:
             say(f"warning: oversubscribed: {cond['oversubscribed_why']}; the row is flagged")
         if cond["precision_emulated"]:
             say(f"warning: {cfg.train.precision} is emulated: {cond['precision_why']}; the "
                 "row is flagged")
-        scheme = make_scheme(cfg.data.class_scheme)
         (index, train_ds, train_loader, val_loader,
          n_train, n_val) = build_loaders(cfg, ctx, scheme, say)
         tc = cfg.train

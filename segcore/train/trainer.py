@@ -187,7 +187,7 @@ class Trainer:
                 logits = forward(x)
                 loss_sum[0] += self._loss(logits, y, reduction="sum").double()
                 loss_sum[1] += (y != IGNORE_INDEX).sum()
-                cm.update_from_logits(logits.float(), y)
+                cm.update(self.scheme.predict(logits.float()), y)
             for _ in range(n_pad):
                 forward(blank)
         cm.all_reduce()
