@@ -21,17 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _ints(flag: str):
-    def parse(s: str) -> list[int]:
-        try:
-            vals = [int(v) for v in s.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} {s!r}: expected integers like 3,4")
-        if not vals or min(vals) < 1:
-            raise argparse.ArgumentTypeError(f"{flag} {s!r}: values must be >= 1")
-        return vals
-    return parse
+from launch.sweep import _ints  # noqa: E402  (one parser of "3,4" lists for both CLIs)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -355,7 +355,10 @@ def run_commbench(sizes: Sequence[int] | None = None, bucket_bytes: Iterable[int
                                                 for s in sorted(set(bucket_bytes))]
     result: dict[str, Any] = {"backend": backend, "world_size": p,
                               "device": _device_name(device), "repeats": repeats,
-                              "warmup": warmup, "collectives": {}}
+                              "warmup": warmup, "collectives": {},
+                              # a loaded host widens every interval: say how loaded it was
+                              "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg")
+                              else None}
     for coll in collectives:
         points = []
         for nbytes, kind in plan:

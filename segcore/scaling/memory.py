@@ -395,7 +395,7 @@ def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None 
     lines += [f"Largest per-GPU batch the model predicts at {image_size}x{image_size}, bf16, "
               f"AdamW, {workers} workers, {USABLE_FRACTION:.0%} of the GPU usable; each cell "
               f"{' / '.join(_KIND_NAMES[k] for k in kinds)}:", "",
-              markdown_table(["U-Net widths", "params", "step MiB / image"]
+              markdown_table(["U-Net widths", "params", "step MiB / image (fp32)"]
                              + [f"{gb} GB" for gb in GPU_SIZES_GB],
                              [[r["widths"], f"{r['params'] / 1e6:.1f} M",
                                f"{r['act_mb_per_image']:.0f}"]

@@ -668,7 +668,8 @@ ASSUMPTIONS = (
     "A fraction h of the overlappable communication is hidden, never more than the "
     "backward pass (taken as 2/3 of forward + backward); h is fitted to the measured "
     "multi-worker runs by least squares on relative step-time error.",
-    "Sharded engines divide the optimizer time by the worker count; DDP does not.",
+    "Sharded engines divide the optimizer time by the worker count; DDP does not (so a "
+    "sharded engine's efficiency can exceed 100 % where its communication is cheap).",
     "Strong scaling: per-worker compute is affine in the batch, its fixed share fitted "
     "from 1-worker runs at other batch sizes (proportional when there are none).",
     "Throughput = images per step / step time x the measured ratio of throughput to "
@@ -685,7 +686,8 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
     Args:
         rows: result rows (as in runs.jsonl).
         comm: the sweep's commbench result (dict, or a path to ``commbench.json`` or its
-            folder); ``None``: communication was not measured and the section says so.
+            folder); ``None`` or a missing file: communication was not measured, and
+            the section says so and how to measure it.
         out_dir: where the figure goes.
         link_base: the folder the markdown is written into (figure links are relative to
             it); default ``out_dir``.
@@ -706,7 +708,10 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
                   "times and a loopback network; its numbers show how this configuration "
                   "would scale with that compute per worker, not GPU performance.", ""]
     if comm is not None and not isinstance(comm, Mapping):
-        comm = load_commbench(comm)
+        try:
+            comm = load_commbench(comm)
+        except FileNotFoundError:
+            comm = None  # a sweep that did not measure: the section says how to
     if not ok:
         return "\n".join(lines + ["No usable rows (ok, with step times): nothing to model.",
                                   ""])
@@ -743,22 +748,23 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
         f"throughput {_f(v['img_s'][0], '.1f')} % ({v['step'][1]} run(s))"
         for k, v in summ.items()) + ".")
     lines.append("")
-    nets = [net, *what_if]
-    lines += ["### Predicted weak-scaling efficiency", "",
-              "Per family (1-worker baseline as measured), per engine, per interconnect; "
-              f"h = {fit.value:.2f}.", ""]
-    table = []
-    curves = []
+    cols = [f"{p}" for p in REPORT_WORKERS]
+    align = ["l", "l"] + ["r"] * len(REPORT_WORKERS)
+    table, what, curves = [], [], []
     for key, w in sorted(workloads.items(), key=lambda kv: kv[1].label):
-        for pat in _patterns_for(key[0], key[1]):
-            for n in nets:
-                pred = predict(w, pat, n, fit.value, REPORT_WORKERS)
-                table.append([w.label, _pattern_name(pat), n.name]
-                             + [_f(x["efficiency"] * 100, ".0f", " %") for x in pred])
+        pats = _patterns_for(key[0], key[1])
+        for pat in pats:
+            table.append([w.label, _pattern_name(pat)] + _effs(w, pat, net, fit.value))
             curves.append((w, pat))
-    lines.append(markdown_table(["family", "engine", "interconnect"]
-                                + [f"{p}" for p in REPORT_WORKERS], table,
-                                ["l", "l", "l"] + ["r"] * len(REPORT_WORKERS)))
+        for n in what_if:
+            what.append([w.label, n.name] + _effs(w, pats[0], n, fit.value))
+    lines += ["### Predicted weak-scaling efficiency", "",
+              f"On the measured interconnect, h = {fit.value:.2f}: each family as measured and "
+              "as the other engines would run it.", "",
+              markdown_table(["family", "engine"] + cols, table, align)]
+    if what:
+        lines += ["The measured engine on other interconnects (what-if):", "",
+                  markdown_table(["family", "interconnect"] + cols, what, align)]
     fig = plot_scaling(ok, workloads, curves, net, fit.value, out_dir / "scaling_model.png",
                        describe)
     rel = Path(_relpath(fig, link_base or out_dir))
@@ -769,6 +775,11 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
     lines += [f"- {a}" for a in ASSUMPTIONS]
     lines += ["", memory.report_section(ok, describe=describe)]
     return "\n".join(lines)
+
+
+def _effs(w: Workload, pattern: str, net: Interconnect, hidden: float) -> list[str | None]:
+    return [_f(x["efficiency"] * 100, ".0f", " %")
+            for x in predict(w, pattern, net, hidden, REPORT_WORKERS)]
 
 
 def _patterns_for(engine: str, stage: int) -> list[str]:
@@ -818,6 +829,7 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
         strong = predict(w, pat, net, hidden, global_batch=global_batch)
         axes[2].plot([x["workers"] for x in strong], [x["efficiency"] for x in strong], ls,
                      color=colors[w.label])
+    top = 1.1
     for r in rows:
         w = workloads.get(family_key(r))
         if w is None or _truthy(r.get("strong_scaling")):
@@ -827,6 +839,8 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
         base = w.throughput_ratio * w.batch / w.step_s
         axes[0].plot([p], [thr], "o", ms=5, color=colors.get(w.label, "k"))
         axes[1].plot([p], [thr / (p * base)], "o", ms=5, color=colors.get(w.label, "k"))
+        if math.isfinite(thr):
+            top = max(top, thr / (p * base) + 0.1)  # a noisy point above 1 stays visible
     for ax, title, ylab in ((axes[0], "weak scaling: throughput", "images/s"),
                             (axes[1], "weak scaling: efficiency", "efficiency"),
                             (axes[2], f"strong scaling, global batch {global_batch:.0f}",
@@ -837,8 +851,8 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    for ax in axes[1:]:
-        ax.set_ylim(0, 1.1)
+    axes[1].set_ylim(0, top)
+    axes[2].set_ylim(0, 1.1)
     axes[0].legend(fontsize=6, loc="upper left")
     fig.suptitle(f"Scaling model on {net.name}, h = {hidden:.2f} (lines: model; points: "
                  "measured)", fontsize=9)
