@@ -99,10 +99,14 @@ def _worker(rank: int, world: int, port: int, engine: str, precision: str, steps
         losses = _train_steps(eng, batches, world)
         # Uneven evaluation: rank 0 runs two local forwards, rank 1 one; a collective
         # inside a forward would hang here.
+        common = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
         with eng.evaluation() as fwd:
             evals = [fwd(batches[0][0]).float().sum().item() for _ in range(1 + (rank == 0))]
+            same = fwd(common).float().sum().reshape(1)
+        every = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(every, same)  # one model on every rank: rank 0's BatchNorm statistics
         weights = eng.model_state_dict()
-        result = {"losses": losses, "eval": evals[0]}
+        result = {"losses": losses, "eval": evals[0], "eval_ranks": [t.item() for t in every]}
         if engine == "fsdp":
             # Resume: half the steps, checkpoint, a fresh engine loads it, the rest.
             half = steps // 2
@@ -144,8 +148,10 @@ def test_fsdp_trajectory_equals_ddp_on_two_gloo_workers(tmp_path):
         assert fsdp_w[k].shape == ddp_w[k].shape
         torch.testing.assert_close(fsdp_w[k].float(), ddp_w[k].float(), rtol=1e-4, atol=1e-5)
     build_model(ModelConfig(widths=(8, 16), norm="batch"), 6).load_state_dict(fsdp_w)
-    # Rank 0's BatchNorm statistics in evaluation, as under DDP.
+    # Rank 0's BatchNorm statistics in evaluation, as under DDP, on every rank.
     assert fsdp["eval"] == pytest.approx(ddp["eval"], rel=1e-4)
+    a0, a1 = fsdp["eval_ranks"]
+    assert a1 == a0  # same weights, same statistics, same input: the same numbers
     # Checkpoint (full weights + full optimizer state) -> fresh engine -> same steps.
     for x, y in zip(fsdp["resumed"], b[2:]):
         assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
