@@ -1,7 +1,11 @@
-"""Multi-process training on CPU with gloo: equivalence, DeepSpeed ZeRO, two nodes, failure.
+"""Multi-process training on CPU with gloo: equivalence (BatchNorm with and without
+--sync-bn), DeepSpeed ZeRO, accuracy mode on every engine (validation with uneven shards,
+early stopping, --resume), two nodes, failure.
 
 Every job goes through the real entry point (``launch/train.py`` under torchrun), on tiny
 images (32 px) and a tiny U-Net, in ``throughput`` mode (no validation) unless stated.
+``--lr-scaling none``: the equivalences compare the same global batch at the same lr
+(the default linear rule would give the 2-worker run twice the lr of the 1-worker one).
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,17 @@ from segcore.dist import free_port
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 TINY = ["--image-size", "32", "--widths", "8,16", "--norm", "group", "--synthetic-images",
-        "24", "--mode", "throughput", "--warmup-steps", "0", "--lr", "0.05", "--optimizer", "sgd"]
+        "24", "--mode", "throughput", "--warmup-steps", "0", "--lr", "0.05", "--optimizer", "sgd",
+        "--lr-scaling", "none"]
+# Accuracy mode: 27 images = 22 train (5 steps per epoch on 2 workers at batch 2) and 5
+# validation images (2 ranks hold 3 and 2: 2 batches and 1, the ZeRO-3 hang's condition).
+# SGD with momentum: its optimizer state must survive --resume. A 30 s collective
+# timeout turns a hang into a failure.
+ACC = ["--image-size", "32", "--widths", "8,16", "--norm", "group", "--synthetic-images",
+       "27", "--mode", "accuracy", "--epochs", "2", "--warmup-steps", "0", "--lr", "0.05",
+       "--optimizer", "sgd", "--lr-scaling", "none", "--batch-size", "2", "--timeout", "30"]
+ENGINES = {"ddp": ["--engine", "ddp"],
+           **{f"zero{k}": ["--engine", "deepspeed", "--zero-stage", str(k)] for k in range(4)}}
 
 pytestmark = pytest.mark.multiproc
 
@@ -67,6 +80,23 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(tmp_path, env):
     assert row["world_size"] == 2 and row["global_batch_size"] == 4
 
 
+def test_batchnorm_equivalence_needs_sync_bn(tmp_path, env):
+    # The default modern U-Net with BatchNorm: each worker normalizes over its half batch
+    # unless --sync-bn makes the statistics global.
+    bn = [a if a != "group" else "batch" for a in TINY] + ["--steps", "4"]
+    runs = {}
+    for name, nproc, extra in (("one", 1, ["--engine", "single", "--batch-size", "4"]),
+                               ("two", 2, ["--engine", "ddp", "--batch-size", "2"]),
+                               ("sync", 2, ["--engine", "ddp", "--batch-size", "2",
+                                            "--sync-bn"])):
+        ok(torchrun(nproc, bn + extra + ["--out", str(tmp_path / name)], env))
+        runs[name] = losses(tmp_path / name)
+    gap = max(abs(x - y) for x, y in zip(runs["one"], runs["two"]))
+    assert gap > 1e-3  # per-worker statistics: another trajectory from step 1
+    for x, y in zip(runs["one"], runs["sync"]):
+        assert y == pytest.approx(x, rel=1e-5, abs=1e-6)
+
+
 def test_deepspeed_zero2_matches_ddp(tmp_path, env):
     ddp, ds = tmp_path / "ddp", tmp_path / "ds"
     common = TINY + ["--batch-size", "2", "--steps", "5"]
@@ -93,6 +123,51 @@ def test_deepspeed_zero_stages_run(tmp_path, env, stage):
     assert weights["head.weight"].shape == (6, 8, 1, 1)
 
 
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, env):
+    """The uninterrupted 2-epoch accuracy run every engine's resumed run must follow."""
+    out = tmp_path_factory.mktemp("reference")
+    ok(torchrun(2, ACC + ENGINES["ddp"] + ["--out", str(out)], env))
+    return losses(out)
+
+
+@pytest.mark.parametrize("engine", [
+    "ddp", pytest.param("zero0", marks=pytest.mark.slow),
+    pytest.param("zero1", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow),
+    "zero3"])
+def test_accuracy_mode_cut_resume_and_resume_into_validation(tmp_path, env, ddp_reference,
+                                                             engine):
+    args = ACC + ENGINES[engine] + ["--out", str(tmp_path / "run")]
+    out = tmp_path / "run"
+    # Epoch 1 trains, validates (uneven shards) and checkpoints; rank 0 fails at step 6.
+    cut = torchrun(2, args, dict(env, SEGBENCH_FAULT="0:6"))
+    assert cut.returncode != 0 and (out / "last.pt").is_file()
+    ok(torchrun(2, args + ["--resume"], env))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert all(h["mIoU"] == h["mIoU"] for h in metrics["history"])  # validated, not NaN
+    # Epoch 2 of the resumed run is epoch 2 of the uninterrupted one: the weights, the
+    # optimizer's momentum (DeepSpeed's included) and the LR schedule came back.
+    resumed = losses(out)
+    assert len(resumed) == 5
+    for x, y in zip(ddp_reference[5:], resumed):
+        assert y == pytest.approx(x, rel=1e-4, abs=1e-5)
+    # All epochs done: --resume goes straight to validation (issue 16: ZeRO-3 hung here).
+    ok(torchrun(2, args + ["--resume"], env))
+    row = json.loads((out / "result.json").read_text())
+    assert row["mIoU"] == row["mIoU"] and row["epochs"] == 2 and row["world_size"] == 2
+
+
+def test_early_stopping_stops_every_rank_together_under_zero3(tmp_path, env):
+    # lr 1e-9: mIoU never improves after epoch 1; patience 1 ends the run after epoch 2.
+    # A rank that went on would wait in a collective: the 30 s timeout fails the job.
+    out = tmp_path / "es"
+    ok(torchrun(2, ACC + ENGINES["zero3"] + ["--epochs", "5", "--patience", "1", "--lr",
+                                              "1e-9", "--out", str(out)], env))
+    row = json.loads((out / "result.json").read_text())
+    assert row["stopped_early"] is True and row["epochs"] == 2
+
+
 def test_two_nodes_on_loopback(tmp_path, env):
     port = free_port()
     out = tmp_path / "2n"
@@ -112,16 +187,13 @@ def test_two_nodes_on_loopback(tmp_path, env):
 def test_failing_rank_fails_the_job_fast_and_keeps_results(tmp_path, env):
     out = tmp_path / "fail"
     e = dict(env, SEGBENCH_FAULT="1:4")
-    t0 = time.monotonic()
     # 20 train images / (2 workers x batch 4) = 2 steps per epoch: epoch 1 completes and
     # is checkpointed, then rank 1 raises before step 4. The collective timeout is 300 s;
     # the subprocess limit of 120 s proves the job did not wait for it.
     proc = torchrun(2, TINY + ["--engine", "ddp", "--batch-size", "4", "--steps", "6",
                                "--timeout", "300", "--out", str(out)], e, timeout=120)
-    elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "[rank 1] error: RuntimeError: injected fault on rank 1 at step 4" in text
     assert (out / "checkpoint.pt").is_file()  # written before the failure, kept
     assert (out / "config.toml").is_file()
-    assert elapsed < 120
