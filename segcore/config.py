@@ -134,7 +134,9 @@ class DataConfig:
         augment: random crop + horizontal/vertical flips on training images.
         test_fraction: held-out share of the images (deterministic per ``split_seed``).
         synthetic_images / synthetic_height / synthetic_width: size of the built-in set.
-        num_workers: torch DataLoader worker processes per training process.
+        num_workers: torch DataLoader worker processes per training process (``None``:
+            on CUDA this process's share of the cores less one, at most 8; on CPU 0,
+            as the training threads use every core).
         strict: fail on any bad image/mask pair instead of skipping it with a warning.
         class_map: a class-map TOML file (``configs/classmaps/``); sets ``class_scheme``
             to ``map``. Read and validated here, so a bad file fails at configuration.
@@ -155,7 +157,7 @@ class DataConfig:
     synthetic_images: int = 80
     synthetic_height: int = 256
     synthetic_width: int = 384
-    num_workers: int = 0
+    num_workers: int | None = None
     strict: bool = False
     class_map: str | None = None
     unlabeled_threshold: float = 0.5
@@ -173,7 +175,8 @@ class DataConfig:
             _positive("data", name, getattr(self, name), integer=True)
         if self.synthetic_images < 2:
             raise ConfigError("data.synthetic_images must be at least 2 (train + test)")
-        _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
+        if self.num_workers is not None:
+            _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
 
     def _check_classes(self) -> None:
         from segcore.data.classes import (BINARY_SCHEMES, DEFAULT_UNLABELED_THRESHOLD,

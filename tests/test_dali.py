@@ -205,3 +205,59 @@ def test_clear_errors(coded_dataset, monkeypatch):
     with pytest.raises(ConfigError, match="needs nvidia-dali.*pip install nvidia-dali-cuda120"
                                           ".*--loader torch"):
         make_dali_train_loader(idx, idx.samples, scheme("six"), (32, 32), 2, ctx())
+
+
+def test_source_runs_off_the_training_thread_and_close_is_clean(coded_dataset, monkeypatch):
+    """The file reads and draws run in the read-ahead thread; close() stops DALI's
+    executor and that thread at once, and nothing but the loader holds the pipeline."""
+    import gc
+    import threading
+    import weakref
+
+    threads = set()
+    real_batch = dali_mod._PairSource.batch
+
+    def batch(self, k):
+        threads.add(threading.current_thread().name)
+        return real_batch(self, k)
+
+    monkeypatch.setattr(dali_mod._PairSource, "batch", batch)
+    idx = discover(coded_dataset)
+    dl = make_dali_train_loader(idx, idx.samples, scheme("six"), (32, 32), 2, ctx(), seed=0)
+    assert len(list(dl)) == len(dl)
+    assert threads and all(name.startswith("dali-source") for name in threads)
+    assert threading.current_thread().name not in threads
+    pipe, source = dl._pipe, dl._source
+    ahead = list(source._pool._threads)  # this loader's (earlier tests' may still run)
+    assert ahead and all(t.is_alive() for t in ahead)
+    gc.disable()  # the pipeline must go by reference counting, not a later collection
+    try:
+        ref = weakref.ref(pipe)
+        del pipe
+        dl.close()
+        assert ref() is None
+        assert not any(t.is_alive() for t in ahead)
+        assert source._pool._shutdown
+        assert dl._pipe is None and dl._source is None
+    finally:
+        gc.enable()
+    # A later epoch builds a new pipeline and still serves the same batches.
+    again = make_dali_train_loader(idx, idx.samples, scheme("six"), (32, 32), 2, ctx(),
+                                   seed=0)
+    dl.set_epoch(1)
+    again.set_epoch(1)
+    for (xa, ya), (xb, yb) in zip(dl, again):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert dl.num_workers == dl.num_threads
+
+
+def test_memory_mb_reads_dali_statistics_or_says_none(coded_dataset):
+    idx = discover(coded_dataset)
+    dl = make_dali_train_loader(idx, idx.samples, scheme("six"), (32, 32), 2, ctx(), seed=0)
+    assert dl.memory_mb() is None  # no pipeline yet
+    next(iter(dl))
+    mb = dl.memory_mb()
+    # DALI's dynamic executor (the default since 2.0) keeps no per-operator statistics.
+    assert mb is None or mb > 0
+    dl.close()
+    assert dl.memory_mb() == mb  # kept after the pipeline is gone

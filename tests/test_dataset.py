@@ -132,3 +132,42 @@ def test_worker_processes_see_the_epoch(coded_dataset):
                 images[epoch, i] = x[j]
     differ = sum(not torch.equal(images[0, i], images[1, i]) for i in range(len(ds)))
     assert differ >= len(ds) - 1  # new crops and flips every epoch
+
+
+def test_raw_batches_normalized_on_the_device_equal_the_host_path(coded_dataset):
+    """uint8 transfer + normalization on the device gives the float batches of the host
+    path bit for bit, in the memory format asked for; masks become int64."""
+    from segcore.data.dataset import DeviceBatches, normalize_batch
+
+    idx = discover(coded_dataset)
+    six = scheme("six")
+    host = SegDataset(idx, idx.samples, six, (32, 32), train=True, seed=2)
+    raw = SegDataset(idx, idx.samples, six, (32, 32), train=True, seed=2, raw=True)
+    image, mask = raw[(1, 5)]
+    assert image.dtype == torch.uint8 and image.shape == (32, 32, 3)
+    assert mask.dtype == torch.uint8 and mask.shape == (32, 32)
+    for channels_last in (True, False):
+        batches = DeviceBatches(make_train_loader(raw, 2, 0, 1, seed=2), "cpu", channels_last)
+        reference = make_train_loader(host, 2, 0, 1, seed=2)
+        batches.set_epoch(1)
+        set_epoch_like_the_trainer(reference, 1)
+        assert len(batches) == len(reference) and batches.num_workers == 0
+        for (x, y), (rx, ry) in zip(batches, reference):
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+    x, _ = next(iter(batches.on("cpu")))
+    assert x.device.type == "cpu"
+    with pytest.raises(ValueError, match="uint8 \\[B, H, W, 3\\]"):
+        normalize_batch(torch.zeros(1, 3, 8, 8))
+
+
+def test_default_num_workers_follow_cores_and_local_ranks(monkeypatch):
+    from segcore import host
+    from segcore.data.dataset import MAX_AUTO_WORKERS, default_num_workers
+
+    monkeypatch.setattr(host, "usable_cores", lambda: 16)
+    assert default_num_workers("cpu", 1) == 0  # training threads own the cores
+    assert default_num_workers("cuda:0", 1) == MAX_AUTO_WORKERS
+    assert default_num_workers("cuda:0", 4) == 3  # 16 / 4 ranks, less the trainer
+    assert default_num_workers("cuda:0", 16) == 1  # never 0 on a GPU

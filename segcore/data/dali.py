@@ -20,11 +20,15 @@ reader shuffles within a fixed shard through a buffer), so ``set_epoch`` means t
 thing for both loaders, and (3) yields only full batches of a ``drop_last`` shard, so every
 rank runs the same number of steps and no sample repeats within an epoch (the
 ``LastBatchPolicy.DROP`` contract, enforced at the source). The source's Python work is a
-file read and a few random numbers per sample; decoding stays in DALI.
+file read and a few random numbers per sample; decoding stays in DALI. That work runs in a
+read-ahead thread (:class:`_Readahead`), not in the training thread that drives DALI's
+feed, and :meth:`DaliTrainLoader.close` shuts the pipeline and the thread down at once.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -90,8 +94,37 @@ def _image_sizes(index: DatasetIndex, samples: Sequence[Sample]) -> list[tuple[i
     return sizes
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """Everything the source needs, and nothing that refers back to the loader: the
+    pipeline holds the source, so a source holding the loader (which holds the pipeline)
+    would make a reference cycle that outlives :meth:`DaliTrainLoader.close`."""
+
+    index: DatasetIndex
+    samples: tuple[Sample, ...]
+    scheme: ClassScheme
+    sizes: tuple[tuple[int, int], ...]
+    crop: tuple[int, int]
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    augment: bool
+    decoded: bool
+    steps: int
+
+    def augment_params(self, i: int, epoch: int) -> AugmentParams:
+        """The crop window and flips of sample ``i`` at ``epoch`` (``SegDataset``'s rule)."""
+        h, w = self.sizes[i]
+        ch, cw = self.crop
+        h, w = max(h, ch), max(w, cw)  # after _pad_to
+        if self.augment:
+            return draw_augment(np.random.default_rng((self.seed, epoch, i)), h, w, self.crop)
+        return AugmentParams((h - ch) // 2, (w - cw) // 2, False, False)
+
+
 class _PairSource:
-    """The ``external_source`` callback: batch ``k`` of the stream, as DALI inputs.
+    """The ``external_source`` work: batch ``k`` of the stream, as DALI inputs.
 
     The stream runs across epochs without a break (epoch ``base + k // L``, batch
     ``k % L`` of it), so DALI's prefetching carries on over epoch boundaries. Everything
@@ -99,8 +132,8 @@ class _PairSource:
     from ``(seed, epoch, i)`` — the torch loader's rule, so both give the same batches.
     """
 
-    def __init__(self, loader: "DaliTrainLoader", base_epoch: int) -> None:
-        self.ld = loader
+    def __init__(self, plan: _Plan, base_epoch: int) -> None:
+        self.plan = plan
         self.base = base_epoch
         self._order_epoch: int | None = None
         self._order: list[int] = []
@@ -108,36 +141,66 @@ class _PairSource:
     def order(self, epoch: int) -> list[int]:
         """This rank's sample indices for ``epoch``, cut to whole batches."""
         if self._order_epoch != epoch:
-            ld = self.ld
+            p = self.plan
             sampler = torch.utils.data.DistributedSampler(
-                range(len(ld.samples)), num_replicas=ld.world_size, rank=ld.rank,
-                shuffle=True, seed=ld.seed, drop_last=True)
+                range(len(p.samples)), num_replicas=p.world_size, rank=p.rank,
+                shuffle=True, seed=p.seed, drop_last=True)
             sampler.set_epoch(epoch)
-            self._order = list(sampler)[:len(ld) * ld.batch_size]
+            self._order = list(sampler)[:p.steps * p.batch_size]
             self._order_epoch = epoch
         return self._order
 
-    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
-        ld = self.ld
-        epoch = self.base + info.iteration // len(ld)
-        b = info.iteration % len(ld)
-        idx = self.order(epoch)[b * ld.batch_size:(b + 1) * ld.batch_size]
+    def batch(self, k: int) -> tuple[list[np.ndarray], ...]:
+        p = self.plan
+        epoch = self.base + k // p.steps
+        b = k % p.steps
+        idx = self.order(epoch)[b * p.batch_size:(b + 1) * p.batch_size]
         images, masks, anchors, hflips, vflips = [], [], [], [], []
         for i in idx:
-            p = ld.augment_params(i, epoch)
-            if ld.decoded:
-                s = ld.samples[i]
-                image, mask = ld.index.load_image(s), ld.index.load_mask(s, ld.scheme)
-                image, mask = _pad_to(image, mask, *ld.crop)
+            a = p.augment_params(i, epoch)
+            if p.decoded:
+                s = p.samples[i]
+                image, mask = p.index.load_image(s), p.index.load_mask(s, p.scheme)
+                image, mask = _pad_to(image, mask, *p.crop)
                 images.append(np.ascontiguousarray(image))
                 masks.append(np.ascontiguousarray(mask[..., None]))
             else:
-                images.append(np.fromfile(ld.samples[i].image, dtype=np.uint8))
-                masks.append(np.fromfile(ld.samples[i].mask, dtype=np.uint8))
-            anchors.append(np.array([p.top, p.left], dtype=np.int32))
-            hflips.append(np.array(p.hflip, dtype=np.int32))
-            vflips.append(np.array(p.vflip, dtype=np.int32))
+                images.append(np.fromfile(p.samples[i].image, dtype=np.uint8))
+                masks.append(np.fromfile(p.samples[i].mask, dtype=np.uint8))
+            anchors.append(np.array([a.top, a.left], dtype=np.int32))
+            hflips.append(np.array(a.hflip, dtype=np.int32))
+            vflips.append(np.array(a.vflip, dtype=np.int32))
         return images, masks, anchors, hflips, vflips
+
+
+class _Readahead:
+    """The ``external_source`` callback: batches are made ahead in a background thread.
+
+    DALI calls its source from the thread that asks for outputs, the training thread
+    (~70-150 us of file reads and draws per sample). Because batch ``k`` is a pure
+    function of ``k``, the next ``depth`` batches can be made early in another thread;
+    the callback only picks up the finished one. File reads and image decodes release
+    the GIL, so the two threads overlap.
+    """
+
+    def __init__(self, source: _PairSource, depth: int) -> None:
+        self._source, self._depth = source, max(1, depth)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dali-source")
+        self._ahead: dict[int, Future] = {}
+
+    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
+        k = info.iteration
+        for j in range(k, k + self._depth + 1):
+            if j not in self._ahead:
+                self._ahead[j] = self._pool.submit(self._source.batch, j)
+        return self._ahead.pop(k).result()
+
+    def close(self) -> None:
+        """Drop the batches made ahead and end the thread (waits for the one running)."""
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaliTrainLoader:
@@ -175,8 +238,14 @@ class DaliTrainLoader:
             raise ConfigError(
                 f"loader 'dali': {len(self.samples)} training images give no full batch of "
                 f"{batch_size} on each of {world_size} worker(s); lower --batch-size")
+        self._plan = _Plan(index, tuple(self.samples), scheme, tuple(self.sizes), self.crop,
+                           batch_size, rank, world_size, seed, augment, self.decoded,
+                           self._steps)
+        self.num_workers = num_threads  # DALI's CPU threads: the row's loader_workers
         self._iter: Any = None
         self._pipe: Any = None
+        self._source: _Readahead | None = None
+        self._mem_mb: float | None = None
         self._base = 0
         self._consumed = 0
 
@@ -190,12 +259,7 @@ class DaliTrainLoader:
 
     def augment_params(self, i: int, epoch: int) -> AugmentParams:
         """The crop window and flips of sample ``i`` at ``epoch`` (``SegDataset``'s rule)."""
-        h, w = self.sizes[i]
-        ch, cw = self.crop
-        h, w = max(h, ch), max(w, cw)  # after _pad_to
-        if self.augment:
-            return draw_augment(np.random.default_rng((self.seed, epoch, i)), h, w, self.crop)
-        return AugmentParams((h - ch) // 2, (w - cw) // 2, False, False)
+        return self._plan.augment_params(i, epoch)
 
     # -- pipeline -------------------------------------------------------------------------
     def _build(self, base_epoch: int) -> None:
@@ -206,11 +270,12 @@ class DaliTrainLoader:
                      else torch.cuda.current_device()) if gpu else None
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
                         device_id=device_id, seed=self.seed + self.rank,
-                        prefetch_queue_depth=self.prefetch)
+                        prefetch_queue_depth=self.prefetch, enable_memory_stats=True)
         shape = types.Constant(np.array(self.crop, dtype=np.int32))
+        self._source = _Readahead(_PairSource(self._plan, base_epoch), self.prefetch + 1)
         with pipe:
             img, msk, anchor, hflip, vflip = fn.external_source(
-                source=_PairSource(self, base_epoch), num_outputs=5, batch=True,
+                source=self._source, num_outputs=5, batch=True,
                 batch_info=True, dtype=[types.UINT8, types.UINT8, types.INT32, types.INT32,
                                         types.INT32])
             if self.decoded:
@@ -247,9 +312,43 @@ class DaliTrainLoader:
         self._base, self._consumed = base_epoch, 0
 
     def close(self) -> None:
-        """Stop the pipeline's threads (a later ``iter()`` starts a new one)."""
+        """Stop the pipeline and the read-ahead thread now, and hand DALI's unused device
+        memory back (a later ``iter()`` starts a new pipeline).
+
+        Not left to the garbage collector: a pipeline alive until some later collection
+        keeps its threads running and its memory pool held, next to the new pipeline.
+        """
+        self.memory_mb()  # keep the peak of the pipeline being closed
         self._iter = None
-        self._pipe = None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            # What Pipeline.__del__ does, done now: stops DALI's executor threads.
+            shutdown = getattr(pipe, "_shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            del pipe
+        if self._source is not None:
+            self._source.close()
+            self._source = None
+        if self.device.type == "cuda":
+            from nvidia.dali import backend
+
+            backend.ReleaseUnusedMemory()
+
+    def memory_mb(self) -> float | None:
+        """DALI's reserved buffers in MiB (largest seen over this loader's pipelines), as
+        DALI's executor reports them; ``None`` where it does not (DALI's default dynamic
+        executor keeps no per-operator statistics). The torch allocator never sees them."""
+        if self._pipe is not None:
+            try:
+                stats = self._pipe.executor_statistics()
+            except Exception:  # an executor without statistics
+                stats = {}
+            if stats:
+                total = sum(sum(op.get("max_reserved_memory_size") or [0])
+                            for op in stats.values())
+                self._mem_mb = max(self._mem_mb or 0.0, total / 2 ** 20)
+        return self._mem_mb
 
     def _next(self) -> tuple[torch.Tensor, torch.Tensor]:
         out = next(self._iter)[0]

@@ -176,8 +176,9 @@ class SegDataset(Dataset):
             p = AugmentParams((h - ch) // 2, (w - cw) // 2, False, False)
         image, mask = apply_augment(image, mask, p, self.crop)
         if self.raw:
-            return (torch.from_numpy(np.ascontiguousarray(image)),
-                    torch.from_numpy(np.ascontiguousarray(mask)))
+            # Writable copies: crops and flips are views of the cached (read-only) arrays.
+            return (torch.from_numpy(np.require(image, requirements=["C", "W"])),
+                    torch.from_numpy(np.require(mask, requirements=["C", "W"])))
         return to_tensor(image, mask)
 
 

@@ -17,8 +17,8 @@ import torch
 
 from segcore.config import ConfigError, RunConfig, dump_config, resolve
 from segcore.data.classes import ClassScheme, scheme_for
-from segcore.data.dataset import (SegDataset, SyntheticBatches, make_eval_loader,
-                                  make_train_loader)
+from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
+                                  default_num_workers, make_eval_loader, make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.model import build_model, check_input_size, valid_side_at_most
@@ -94,12 +94,17 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
     check_input_size(cfg.model, *crop)
     _check_crop_fits(train_s, d.image_size)
     per_worker = tc.per_worker_batch
-    val_ds = SegDataset(index, val_s, scheme, _val_crop(index, val_s, cfg), train=False)
-    val_loader = make_eval_loader(val_ds, per_worker, ctx.rank, ctx.world_size,
-                                  num_workers=d.num_workers,
-                                  pin_memory=ctx.device.type == "cuda")
+    # uint8 batches cross to the device and are normalized there (DeviceBatches).
+    workers = (d.num_workers if d.num_workers is not None
+               else default_num_workers(ctx.device, ctx.local_world_size))
+    pin, cl = ctx.device.type == "cuda", cfg.model.channels_last
+    val_ds = SegDataset(index, val_s, scheme, _val_crop(index, val_s, cfg), train=False,
+                        raw=True)
+    val_loader = DeviceBatches(make_eval_loader(val_ds, per_worker, ctx.rank, ctx.world_size,
+                                                num_workers=workers, pin_memory=pin),
+                               ctx.device, cl)
     train_ds = SegDataset(index, train_s, scheme, crop, train=True, augment=d.augment,
-                          seed=tc.seed)
+                          seed=tc.seed, raw=True)
     if len(train_ds) < per_worker * ctx.world_size:
         raise ConfigError(f"the training split has {len(train_ds)} images, fewer than one "
                           f"global batch ({per_worker} x {ctx.world_size} workers); lower "
@@ -115,9 +120,9 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
         train_loader = make_dali_train_loader(index, train_s, scheme, crop, per_worker,
                                               ctx, seed=tc.seed, augment=d.augment)
     else:
-        train_loader = make_train_loader(train_ds, per_worker, ctx.rank, ctx.world_size,
-                                         seed=tc.seed, num_workers=d.num_workers,
-                                         pin_memory=ctx.device.type == "cuda")
+        train_loader = DeviceBatches(
+            make_train_loader(train_ds, per_worker, ctx.rank, ctx.world_size, seed=tc.seed,
+                              num_workers=workers, pin_memory=pin), ctx.device, cl)
     return index, train_ds, train_loader, val_loader, len(train_s), len(val_s)
 
 
@@ -135,17 +140,30 @@ def _check_crop_fits(samples, size: int) -> None:
                           "prepare the dataset at a higher resolution")
 
 
-def _gather_memory(ctx: DistContext, nvml: dict[str, Any],
-                   baseline_mb: float) -> dict[str, Any]:
-    """Memory columns, max over ranks. On CPU the peak RSS is mostly the library (~600 MB
-    of imports): ``mem_workload_mb`` is the peak above the baseline taken after imports
-    and model build, the figure memory plots use."""
+def _gather_memory(ctx: DistContext, nvml: dict[str, Any], baseline_mb: float,
+                   phases: dict[str, float | None],
+                   dali_mb: float | None = None) -> dict[str, Any]:
+    """Memory columns, max over ranks.
+
+    ``phases`` (:class:`~segcore.train.telemetry.PhasePeaks`) keeps the peaks of warm-up
+    (cuDNN autotuning, compile), training after warm-up and validation apart:
+    ``mem_workload_mb``, the figure memory plots use, is the training phase's. On CUDA
+    the phases are allocator peaks; on CPU the peak RSS above the baseline taken after
+    imports and model build (the RSS is mostly the library, ~600 MB of imports).
+    ``dali_mb``: DALI's own buffers, which the torch allocator does not see."""
     from segcore.train import telemetry
 
     alloc = telemetry.allocator_peak_mb(ctx.device)
     host = telemetry.host_peak_rss_mb()
+    overall = phases.get("overall_mb")
+    # The phases reset the peak marks: the whole run's peak is the largest phase's.
+    if overall is not None and alloc is not None:
+        alloc = max(alloc, overall)
+    elif overall is not None:
+        host = max(host, baseline_mb + overall)
     mine = {"alloc": alloc, "host_peak": host, "host_now": telemetry.host_rss_mb(),
-            "baseline": baseline_mb, "workload": max(0.0, host - baseline_mb), **nvml}
+            "baseline": baseline_mb, "workload": max(0.0, host - baseline_mb),
+            "dali": dali_mb, **{f"phase_{k}": v for k, v in phases.items()}, **nvml}
     rows = gather_objects(mine)
 
     def mx(key):
@@ -153,11 +171,15 @@ def _gather_memory(ctx: DistContext, nvml: dict[str, Any],
         return max(vals) if vals else None
 
     peak = mx("alloc")
+    train = mx("phase_train_mb")
     return {"peak_mem_mb": peak if peak is not None else mx("host_peak"),
             "peak_mem_source": "allocator" if peak is not None else "host_peak_rss",
             "host_rss_mb": mx("host_now"), "host_peak_rss_mb": mx("host_peak"),
             "mem_baseline_mb": mx("baseline"),
-            "mem_workload_mb": peak if peak is not None else mx("workload"),
+            "mem_workload_mb": train if train is not None else (
+                peak if peak is not None else mx("workload")),
+            "mem_warmup_mb": mx("phase_warmup_mb"), "mem_train_mb": train,
+            "mem_val_mb": mx("phase_val_mb"), "dali_mem_mb": mx("dali"),
             "device_mem_mb": mx("device_mem_mb"), "gpu_util_pct": mx("gpu_util_pct"),
             "power_w": mx("power_w")}
 
@@ -189,12 +211,14 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
                               device_name=device_name(ctx.device)))
     row["threads_per_worker"] = torch.get_num_threads() if ctx.device.type == "cpu" else None
     # TF32 changes fp32 numerics on Ampere and later: recorded with the row.
-    row["tf32"] = (ctx.device.type == "cuda" and cfg.train.precision == "fp32"
-                   and torch.backends.cuda.matmul.allow_tf32)
+    math_ = telemetry.cuda_math() if ctx.device.type == "cuda" else {}
+    row["tf32"] = (cfg.train.precision == "fp32"
+                   and bool(math_.get("tf32_conv") or math_.get("tf32_matmul")))
+    row["cudnn_benchmark"] = math_.get("cudnn_benchmark")
     for k in ("warmup_steps", "measured_steps", "throughput_img_s", "throughput_ci95_lo",
               "throughput_ci95_hi", "throughput_ci95_pct", "ci_batches", "step_ms_p50",
               "step_ms_p90", "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",
-              "fwd_bwd_ms_p50", "optim_ms_p50"):
+              "fwd_bwd_ms_p50", "optim_ms_p50", "timing_method"):
         row[k] = t.get(k)
     row["speedup"] = None  # filled by the sweep's analysis against the 1-worker row
     row["scaling_efficiency"] = None
@@ -205,6 +229,11 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
         achieved, frac = telemetry.mfu(thr, flops_per_image, peak, n_devices=ctx.world_size)
         row.update(tflops=achieved, mfu=frac, peak_tflops=peak * ctx.world_size,
                    peak_tflops_source=source, train_gflops_per_image=flops_per_image / 1e9)
+        # MFU against the datasheet (above) and against what a large GEMM reaches here:
+        # these U-Nets cannot feed tensor cores like a GEMM, so both are recorded.
+        gemm, gemm_source = telemetry.measured_gemm_tflops(ctx.device, cfg.train.precision)
+        row.update(mfu_gemm=telemetry.mfu(thr, flops_per_image, gemm, ctx.world_size)[1],
+                   gemm_tflops=gemm * ctx.world_size, gemm_tflops_source=gemm_source)
     row.update(extra)
     m = res.metrics or {}
     losses = res.step_losses
@@ -261,9 +290,7 @@ def run(cfg: RunConfig, log: Log = print,
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         if ctx.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            telemetry.set_cuda_math(tf32=True, cudnn_benchmark=True)
         cond = conditions(cfg, ctx)
         where = (f"{ctx.world_size} CPU worker process(es) x {torch.get_num_threads()} "
                  "thread(s) — CPU timings show code paths and relative effects, not GPU "
@@ -310,8 +337,8 @@ def run(cfg: RunConfig, log: Log = print,
         if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
             dump_config(cfg, out / "config.toml")
         baseline = telemetry.host_rss_mb()  # after imports, data and model build
-        telemetry.reset_allocator_peak(ctx.device)
-        telemetry.reset_host_peak_rss()  # the peak then covers training, not set-up
+        trainer.memory = telemetry.PhasePeaks(ctx.device, baseline)
+        trainer.memory.enter("warmup")  # the peaks then cover training, not set-up
         nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \
             else None
         if nvml:
@@ -320,8 +347,12 @@ def run(cfg: RunConfig, log: Log = print,
         res = trainer.fit()
         wall = time.perf_counter() - t0
         nvml_stats = nvml.stop() if nvml else {}
-        memory = _gather_memory(ctx, nvml_stats, baseline)
-        row = build_row(cfg, ctx, res, flops, {**memory, **cond})
+        dali_mb = train_loader.memory_mb() if hasattr(train_loader, "memory_mb") else None
+        memory = _gather_memory(ctx, nvml_stats, baseline, trainer.memory.result(), dali_mb)
+        ran = {"channels_last": trainer.channels_last,  # what ran (DeepSpeed: NCHW)
+               "channels_last_requested": cfg.model.channels_last,
+               "loader_workers": getattr(train_loader, "num_workers", None)}
+        row = build_row(cfg, ctx, res, flops, {**memory, **cond, **ran})
         row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
                    finished_at=_utc_now())
         # Collective under ZeRO-3: every rank.
@@ -336,8 +367,8 @@ def run(cfg: RunConfig, log: Log = print,
             from segcore.train import figures
             plain = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
             plain.load_state_dict(final_weights)
-            figures.run_figures(out, res, scheme, plain.to(ctx.device), val_loader,
-                                ctx.device, cfg.model.channels_last)
+            figures.run_figures(out, res, scheme, plain.to(ctx.device),
+                                val_loader.on("cpu"), ctx.device, cfg.model.channels_last)
         except Exception as e:  # figures must not lose the results already written
             say(f"warning: figures not drawn ({type(e).__name__}: {e})")
         say(summary_line(row))

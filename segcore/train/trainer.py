@@ -28,7 +28,7 @@ from segcore.train.checkpoint import save_checkpoint
 from segcore.train.engines import Engine
 from segcore.train.losses import segmentation_loss
 from segcore.metrics import ConfusionMatrix
-from segcore.train.telemetry import StepTimer, cuda_sync_fn
+from segcore.train.telemetry import PhasePeaks, StepTimer, step_timer
 
 
 @dataclass
@@ -115,19 +115,25 @@ class Trainer:
         checkpoint_path: where the best epoch's checkpoint goes (primary only); the
             latest epoch's goes beside it as ``last.pt``.
         class_weights: optional per-class loss weights.
+        memory: per-phase memory peaks to keep (``warmup`` until the first timer's
+            warm-up is done, then ``train``; ``val`` around validation).
     """
 
     def __init__(self, cfg: RunConfig, engine: Engine, train_loader, val_loader,
                  scheme: ClassScheme, ctx: DistContext,
                  log: Callable[[str], None] | None = None,
                  checkpoint_path: str | Path | None = None,
-                 class_weights: torch.Tensor | None = None) -> None:
+                 class_weights: torch.Tensor | None = None,
+                 memory: PhasePeaks | None = None) -> None:
         self.cfg, self.engine, self.ctx, self.scheme = cfg, engine, ctx, scheme
         self.train_loader, self.val_loader = train_loader, val_loader
         self.log = log if (log is not None and ctx.is_primary) else (lambda _msg: None)
         self.checkpoint_path = checkpoint_path
         self.class_weights = None if class_weights is None else class_weights.to(ctx.device)
-        self.channels_last = cfg.model.channels_last
+        # What runs, not only what was asked: an engine that keeps NCHW weights
+        # (DeepSpeed) gets NCHW inputs, so no convolution converts layouts.
+        self.channels_last = cfg.model.channels_last and getattr(engine, "channels_last", True)
+        self.memory = memory
         self.start_epoch = 0
         self.best_score: float | None = None
         self.history: list[dict[str, Any]] = []
@@ -140,8 +146,8 @@ class Trainer:
         dev = self.ctx.device
         nb = dev.type == "cuda"
         x = x.to(dev, non_blocking=nb)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last
+                         else torch.contiguous_format)
         return x, y.to(dev, non_blocking=nb)
 
     def _loss(self, logits, y, reduction="mean"):
@@ -231,25 +237,24 @@ class Trainer:
                 f"the training split gives no full batch: {len(self.train_loader)} "
                 f"micro-batches per epoch with grad_accum {tc.grad_accum}; lower "
                 "--batch-size or use more images")
-        sync = cuda_sync_fn(self.ctx.device)
         result = TrainResult()
         self._fault = injected_fault()
         self._epoch = self.start_epoch
         self._step = self.start_epoch * self.steps_per_epoch
         self.engine.train(True)
         if mode == "throughput":
-            timer = StepTimer(tc.warmup_steps, sync=sync)
+            timer = step_timer(tc.warmup_steps, self.ctx.device)
             n = tc.steps or tc.warmup_steps + tc.measure_steps
             self._train(n, timer, result, accuracy=False, checkpoints=True)
         else:
-            timer = StepTimer(tc.warmup_steps, sync=sync)
+            timer = step_timer(tc.warmup_steps, self.ctx.device)
             budget = tc.steps or tc.epochs * self.steps_per_epoch
             self._train(budget, timer, result, accuracy=True, checkpoints=True)
             result.steps = self._step
             if mode == "both":
                 # The trained weights are the run's result; the window only times steps.
                 result.final_weights = self.engine.model_state_dict()  # collective (ZeRO-3)
-                timer = StepTimer(tc.warmup_steps, sync=sync)
+                timer = step_timer(tc.warmup_steps, self.ctx.device)
                 self._step = 0
                 self.log(f"throughput window: {tc.warmup_steps} warm-up + "
                          f"{tc.measure_steps} measured steps")
@@ -305,7 +310,7 @@ class Trainer:
                                        "train_time_s": self.train_time_s}
                 improved = False
                 if do_val and ((epoch + 1) % tc.val_every == 0 or last):
-                    metrics, cm = self.validate()
+                    metrics, cm = self._validate_phase()
                     row.update({k: metrics[k]
                                 for k in ("val_loss", "mIoU", "mDice", "mAcc", "aAcc")})
                     if self.time_to_target_s is None and metrics["mIoU"] >= tc.target_miou:
@@ -326,7 +331,12 @@ class Trainer:
                 result.stopped_early = True
                 break
         if do_val and not result.metrics:
-            result.metrics, result.confusion = self.validate()
+            result.metrics, result.confusion = self._validate_phase()
+
+    def _validate_phase(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """:meth:`validate`, its memory peak kept apart from the training steps'."""
+        with self.memory.during("val") if self.memory else contextlib.nullcontext():
+            return self.validate()
 
     def _one_step(self, it, timer: StepTimer, result: TrainResult) -> torch.Tensor:
         """One optimizer step of ``grad_accum`` micro-batches; their losses (detached,
@@ -355,6 +365,8 @@ class Trainer:
         timer.compute_done()
         self.engine.step()
         timer.end(n_img * self.ctx.world_size)
+        if self.memory is not None and self.memory.phase == "warmup" and not timer.in_warmup:
+            self.memory.enter("train")  # from here on: the steady training step's peak
         self._step += 1
         return torch.stack(losses)
 

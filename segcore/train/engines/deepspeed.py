@@ -136,6 +136,8 @@ class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` around the model with our optimizer and LR schedule."""
 
     name = "deepspeed"
+    # Inputs follow the NCHW weights (below); the Trainer reads this, the row records it.
+    channels_last = False
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
                  total_steps: int, log: Callable[[str], None] | None = None) -> None:
@@ -145,8 +147,8 @@ class DeepSpeedEngine(Engine):
         self.ds_config = make_ds_config(cfg, world)
         self.cfg, self.device = cfg, device
         # DeepSpeed broadcasts and flattens parameters through byte views, which need
-        # contiguous tensors: keep the weights NCHW. Inputs stay channels-last, and a
-        # convolution with a channels-last input produces channels-last activations.
+        # contiguous tensors: keep the weights NCHW, and the inputs too, or every
+        # convolution would convert between the two layouts.
         model = model.to(memory_format=torch.contiguous_format)
         optimizer = make_optimizer(model.parameters(), cfg, device)
         scheduler = make_schedule(optimizer, cfg, total_steps)
@@ -163,7 +165,8 @@ class DeepSpeedEngine(Engine):
         if build_dir is not None:
             log(f"DeepSpeed: communication op ready ({time.perf_counter() - t0:.0f} s)")
         self.model = engine
-        self.module = engine.module
+        # The bare module under torch.compile: state dicts without "_orig_mod." keys.
+        self.module = getattr(engine.module, "_orig_mod", engine.module)
         self._ds = ds_mod
         self._in_accum = False
         # DeepSpeed casts the weights for bf16/fp16; inputs must follow.
