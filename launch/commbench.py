@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launch.sweep import _ints  # noqa: E402  (one parser of "3,4" lists for both CLIs)
+from launch.sweep import int_list  # noqa: E402  (one parser of "3,4" lists for both CLIs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,11 +32,11 @@ def parser() -> argparse.ArgumentParser:
                    help="processes to start without torchrun (default 2; ignored under "
                         "torchrun)")
     p.add_argument("--arch", choices=("paper", "modern"), default="modern")
-    p.add_argument("--depths", type=_ints("--depths"), default=[3, 4],
+    p.add_argument("--depths", type=int_list("--depths"), default=[3, 4],
                    help="U-Net depths whose DDP buckets are timed (widths doubling from "
                         "16; default 3,4, the sweep's default grid)")
     p.add_argument("--classes", choices=("binary", "six", "full"), default="six")
-    p.add_argument("--sizes", type=_ints("--sizes"),
+    p.add_argument("--sizes", type=int_list("--sizes"),
                    help="message sizes in bytes (default: 4 KiB x 4^k up to 32 MiB)")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per size")
     p.add_argument("--timeout", type=float, default=300.0,

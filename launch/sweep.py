@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segcore.config import ConfigError  # noqa: E402
 
 
-def _ints(flag: str):
+def int_list(flag: str):
     def parse(s: str) -> list[int]:
         try:
             vals = [int(v) for v in s.split(",") if v.strip()]
@@ -64,12 +64,12 @@ def default_workers() -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpus", type=_ints("--gpus"),
+    p.add_argument("--gpus", type=int_list("--gpus"),
                    help="worker counts per node (GPUs, or CPU processes without GPUs); "
                         "default: 1,2,4.. up to the GPUs present, 1,2 on CPU")
-    p.add_argument("--batch-sizes", type=_ints("--batch-sizes"),
+    p.add_argument("--batch-sizes", type=int_list("--batch-sizes"),
                    help="per-worker batch sizes (default 4,8)")
-    p.add_argument("--depths", type=_ints("--depths"),
+    p.add_argument("--depths", type=int_list("--depths"),
                    help="U-Net depths, widths doubling from 16 (default 3,4)")
     p.add_argument("--engines", type=_strs(None, "--engines"), default=["ddp"],
                    help="ddp, single, fsdp, deepspeed:0..3 (default ddp)")

@@ -12,6 +12,7 @@ import torch
 
 from segcore.scaling import memory
 from segcore.scaling import model as sm
+from segcore.scaling import report as scaling_report
 from segcore.scaling.comm import collective_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,7 @@ def fake_comm() -> dict:
 
 def test_report_section_writes_the_figure_and_states_its_assumptions(tmp_path):
     rows = synthetic_rows(0.3)
-    text = sm.report_section(rows, fake_comm(), tmp_path / "plots", link_base=tmp_path,
+    text = scaling_report.report_section(rows, fake_comm(), tmp_path / "plots", link_base=tmp_path,
                              describe=fake_describe)
     assert (tmp_path / "plots" / "scaling_model.png").stat().st_size > 10_000
     assert "](plots/scaling_model.png)" in text
@@ -203,7 +204,7 @@ def test_report_section_writes_the_figure_and_states_its_assumptions(tmp_path):
 
 
 def test_report_section_without_communication_says_how_to_measure(tmp_path):
-    text = sm.report_section(synthetic_rows(0.3), None, tmp_path, describe=fake_describe)
+    text = scaling_report.report_section(synthetic_rows(0.3), None, tmp_path, describe=fake_describe)
     assert "not measured" in text and "launch/commbench.py" in text
 
 

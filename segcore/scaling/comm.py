@@ -148,29 +148,38 @@ def smallest_side(model_cfg) -> int:
     return 2 ** (model_cfg.depth - 1) * 2
 
 
-def unet_for(arch: str, widths: Sequence[int], class_scheme: str):
+def unet_for(arch: str, widths: Sequence[int], class_scheme: str,
+             num_classes: int | None = None):
     """The U-Net a sweep row describes, on the ``meta`` device (shapes without memory:
-    layouts of billion-parameter variants cost nothing)."""
+    layouts of billion-parameter variants cost nothing).
+
+    ``class_scheme`` is a built-in scheme's name; a class-map scheme (another name) needs
+    ``num_classes`` (the row's), or is taken as six classes (the head is 1x1: a class
+    more or less changes the bytes sent by a few dozen)."""
     import torch
 
     from segcore.config import ModelConfig
     from segcore.data.classes import scheme
     from segcore.model import build_model
 
-    s = scheme(class_scheme)
+    try:
+        s = scheme(class_scheme)
+        n, binary = s.num_classes, s.is_binary
+    except (ValueError, KeyError):
+        n, binary = int(num_classes or 6), False
     cfg = ModelConfig(arch=arch, widths=tuple(int(w) for w in widths), channels_last=False)
     with torch.device("meta"):
-        return build_model(cfg, s.num_classes, binary=s.is_binary)
+        return build_model(cfg, n, binary=binary)
 
 
 def describe_unet(arch: str, widths: Sequence[int], class_scheme: str,
-                  buckets: bool = True) -> dict[str, Any]:
+                  buckets: bool = True, num_classes: int | None = None) -> dict[str, Any]:
     """What one step of this U-Net sends: parameters, gradient bytes (fp32), DDP buckets
     (skipped when ``buckets`` is False) and the per-unit parameter bytes FSDP2 / ZeRO-3
     gather (:func:`shard_units`)."""
     from segcore.train.engines.fsdp import shard_units
 
-    model = unet_for(arch, widths, class_scheme)
+    model = unet_for(arch, widths, class_scheme, num_classes)
     side = smallest_side(model.cfg)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     units = []

@@ -360,7 +360,7 @@ def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None 
                    image_size: int = 512, workers: int = 8) -> str:
     """Markdown: predicted against measured peaks, then the largest batch and model per
     GPU size."""
-    from segcore.sweep.report import markdown_table
+    from segcore.fmt import markdown_table
 
     if describe is None:
         from segcore.scaling.model import describe_row as describe

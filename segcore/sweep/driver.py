@@ -191,6 +191,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
         _record_start(out_dir, spec, sweep_id, argv, resume)
         for line in plan_warnings(jobs, spec):
             log(line)
+        _measure_interconnect(out_dir, spec, jobs, log)
         try:
             _run_jobs(jobs, spec, out_dir, sweep_id, done, lock_fd, True, log)
         except KeyboardInterrupt:
@@ -200,6 +201,24 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
                 f"written); continue with: {_resume_command(argv, out_dir)}") from None
         finish(out_dir, log)
     return out_dir
+
+
+def _measure_interconnect(out_dir: Path, spec: SweepSpec, jobs: list[Job], log: Log) -> None:
+    """commbench.json once per sweep folder (a few seconds): the scaling model's
+    interconnect. Telemetry: a failure is a warning, never a lost sweep."""
+    from segcore.scaling.comm import COMMBENCH_FILE, commbench_for_sweep
+
+    if (out_dir / COMMBENCH_FILE).exists():
+        return
+    log(f"measuring the interconnect: collectives over {max(spec.workers)} worker(s) "
+        f"(a few seconds) -> {COMMBENCH_FILE}")
+    try:
+        commbench_for_sweep(out_dir, max(spec.workers),
+                            [(j.config.model.arch, j.config.model.widths,
+                              j.config.data.class_scheme) for j in jobs])
+    except Exception as e:
+        log(f"warning: interconnect not measured ({type(e).__name__}: {e}); the report's "
+            "scaling model will say so")
 
 
 def _resume_command(argv: list[str], out_dir: Path) -> str:

@@ -431,6 +431,20 @@ def _status_summary(d: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
+def _scaling_section(folder: Path, out: Path) -> list[str]:
+    """The calibrated scaling and memory models (segcore.scaling.report)."""
+    from segcore.scaling.report import report_section
+    from segcore.sweep.rows import read_records
+
+    try:
+        text = report_section(read_records(folder), folder / "commbench.json",
+                              out / "plots", link_base=out)
+    except Exception as e:  # a model that cannot be fitted must not lose the report
+        return ["## Scaling model", "", f"Not drawn ({type(e).__name__}: "
+                f"{_first_line(e)}).", ""]
+    return text.rstrip().splitlines() + [""]
+
+
 def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] | None
                  = None, out: str | Path | None = None) -> Path:
     """Write ``report.md`` for a results folder.
@@ -473,6 +487,7 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
         lines += _results_section(d, env)
         lines += _accuracy_section(d, env)
         lines += study_section(d, env)
+        lines += _scaling_section(folder, out)
         lines += _confidence_section(d)
         lines += _failed_section(d, folder)
         lines += _launch_section(d)
