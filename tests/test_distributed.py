@@ -32,7 +32,7 @@ TINY = ["--image-size", "32", "--widths", "8,16", "--norm", "group", "--syntheti
 ACC = ["--image-size", "32", "--widths", "8,16", "--norm", "group", "--synthetic-images",
        "27", "--mode", "accuracy", "--epochs", "2", "--warmup-steps", "0", "--lr", "0.05",
        "--optimizer", "sgd", "--lr-scaling", "none", "--batch-size", "2", "--timeout", "30"]
-ENGINES = {"ddp": ["--engine", "ddp"],
+ENGINES = {"ddp": ["--engine", "ddp"], "fsdp": ["--engine", "fsdp"],
            **{f"zero{k}": ["--engine", "deepspeed", "--zero-stage", str(k)] for k in range(4)}}
 
 pytestmark = pytest.mark.multiproc
@@ -132,7 +132,8 @@ def ddp_reference(tmp_path_factory, env):
 
 
 @pytest.mark.parametrize("engine", [
-    "ddp", pytest.param("zero0", marks=pytest.mark.slow),
+    "ddp", pytest.param("fsdp", marks=pytest.mark.slow),
+    pytest.param("zero0", marks=pytest.mark.slow),
     pytest.param("zero1", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow),
     "zero3"])
 def test_accuracy_mode_cut_resume_and_resume_into_validation(tmp_path, env, ddp_reference,

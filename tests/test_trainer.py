@@ -138,7 +138,7 @@ def _validate_fresh_and_trained(rank, world, engine, zero):
             "n_val_batches": len(trainer.val_loader)}
 
 
-ENGINES = [("ddp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2),
+ENGINES = [("ddp", 0), ("fsdp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepspeed", 2),
            ("deepspeed", 3)]
 
 

@@ -170,7 +170,9 @@ class Trainer:
         self.log(f"resumed from epoch {state['epoch'] + 1}")
 
     # -- evaluation -----------------------------------------------------------------
-    @torch.inference_mode()
+    # no_grad, not inference_mode: an engine may keep buffers it fills here (FSDP's
+    # unsharded weights), and inference tensors could not be written by training later.
+    @torch.no_grad()
     def validate(self) -> tuple[dict[str, Any], torch.Tensor]:
         """Metrics over the whole validation split (summed over ranks).
 
