@@ -6,10 +6,12 @@ statistics of b/2 images differ from those of b). Synchronized BatchNorm compute
 mean and variance over every worker's images, which restores that equivalence.
 
 ``torch.nn.SyncBatchNorm`` only runs on accelerators, so on the CPU (gloo) the layers
-become :class:`SyncBatchNorm2d`: two differentiable all-reduces per layer and step (sum
-and count, then the sum of squared deviations). Autograd carries the gradient back
-through the all-reduces, so each worker's input gradient includes what its images did to
-the statistics of the others, as torch's layer does.
+become :class:`SyncBatchNorm2d`: one differentiable all-reduce per layer in the forward
+pass and one in the backward. Each rank contributes its own count, mean and sum of
+squared deviations, combined exactly (Chan et al.'s parallel variance) rather than from
+sums of squares, which cancel on activations with a large mean. Autograd carries the
+gradient back through the all-reduce, so each worker's input gradient includes what its
+images did to the statistics of the others, as torch's layer does.
 """
 
 from __future__ import annotations
@@ -35,17 +37,21 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         c = x.shape[1]
         xf = x.float()  # statistics in fp32 whatever the compute dtype
         dims = (0, 2, 3)
-        local = torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // c])])
-        total = all_reduce(local)
-        n = total[c]
-        mean = total[:c] / n
-        centered = xf - mean.view(1, c, 1, 1)
-        # Two passes (mean first, then squared deviations) avoid the cancellation of
-        # E[x^2] - E[x]^2 on activations with a large mean.
-        var = all_reduce(centered.square().sum(dims)) / n
+        mean_r = xf.mean(dims)
+        m2_r = (xf - mean_r.view(1, c, 1, 1)).square().sum(dims)
+        mine = torch.cat([mean_r, m2_r, xf.new_tensor([x.numel() // c])])
+        # An all-gather as one all-reduce: every rank fills its own row of zeros (the
+        # all-reduce's backward is an all-reduce too, which gloo has).
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        table = all_reduce(torch.stack([mine if r == rank else torch.zeros_like(mine)
+                                        for r in range(world)]))
+        means, m2s, ns = table[:, :c], table[:, c:2 * c], table[:, 2 * c:]
+        n = ns.sum()
+        mean = (ns * means).sum(0) / n
+        var = (m2s + ns * (means - mean).square()).sum(0) / n
         if self.track_running_stats:
             self._update_running(mean.detach(), var.detach(), float(n))
-        y = centered * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        y = (xf - mean.view(1, c, 1, 1)) * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
         if self.affine:
             y = y * self.weight.float().view(1, c, 1, 1) + self.bias.float().view(1, c, 1, 1)
         return y.to(x.dtype)
