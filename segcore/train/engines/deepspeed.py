@@ -202,8 +202,10 @@ class DeepSpeedEngine(Engine):
 
     @contextlib.contextmanager
     def evaluation(self):
-        # ZeRO-3 partitions the weights; gather them for a local forward (every rank
-        # enters this together, before its own batches).
+        # ZeRO-3 partitions the weights; gather them once for the whole validation
+        # (every rank enters together). Its forward hooks still issue collectives (it
+        # records and checks the module order), so the Trainer gives every rank the
+        # same number of forwards.
         self.module.eval()
         try:
             with self._gathered():
