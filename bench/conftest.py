@@ -13,8 +13,13 @@ import pytest
 import torch
 
 from segcore.host import cpu_model
+from segcore.train.telemetry import set_cuda_math
 
 BENCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The training's CUDA math (cuDNN autotuning, TF32), so a benchmark times what a run
+# runs; recorded in every benchmark's extra_info and the saved machine_info.
+CUDA_MATH = set_cuda_math(tf32=True, cudnn_benchmark=True) \
+    if BENCH_DEVICE.type == "cuda" else None
 
 
 def sync() -> None:
@@ -50,7 +55,7 @@ def record(benchmark, items: int, unit: str = "img", **info) -> None:
     a CUDA machine.
     """
     for key, value in (("device", str(BENCH_DEVICE)), ("threads", torch.get_num_threads()),
-                       ("torch", torch.__version__)):
+                       ("torch", torch.__version__), ("cuda_math", CUDA_MATH)):
         info.setdefault(key, value)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median:
@@ -75,7 +80,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
                                 "torch_threads": torch.get_num_threads(),
                                 "bench_device": str(BENCH_DEVICE),
                                 "cuda_device": torch.cuda.get_device_name(0)
-                                if BENCH_DEVICE.type == "cuda" else None}
+                                if BENCH_DEVICE.type == "cuda" else None,
+                                "cuda_math": CUDA_MATH}
 
 
 def _si(value: float) -> str:
@@ -96,7 +102,7 @@ def throughput_lines(benchmarks) -> list[str]:
     by_group: dict[str, list] = {}
     for b in benchmarks:
         by_group.setdefault(b.group or "(no group)", []).append(b)
-    skip = {"device", "threads", "torch", "ratio"}
+    skip = {"device", "threads", "torch", "ratio", "cuda_math"}
     for group in sorted(by_group):
         lines.append(f"{group}")
         rows = []

@@ -6,10 +6,13 @@ round = two epochs of the training split; a warm-up round first (pipeline build,
 start, the torch loader's in-memory cache fill). Variants:
 
 - ``dali``: the DALI pipeline (CPU decode here; ``mixed`` GPU decode on CUDA).
-- ``torch-w0-cached``: what ``segcore.run`` builds by default (no worker processes,
+- ``torch-w0-cached``: what ``segcore.train.run`` builds on a CPU (no worker processes,
   decoded arrays kept in memory after the first epoch: no decode in the timed rounds).
 - ``torch-w0`` / ``torch-w2``: the torch loader decoding every time, in the training
   process or in 2 worker processes (a dataset larger than host memory).
+
+The torch variants are the training's loader: uint8 batches (``SegDataset(raw=True)``)
+normalized on the bench device (``DeviceBatches``), persistent prefetching workers.
 
 Prepare: 6000x4000 JPEG + index PNG pairs (the Semantic Drone Dataset's size) to the
 1024 px cache, 2 worker processes; and the decode step alone with and without the
@@ -28,7 +31,7 @@ import pytest
 from PIL import Image
 
 from segcore.data.classes import scheme, write_class_csv
-from segcore.data.dataset import SegDataset, make_train_loader
+from segcore.data.dataset import DeviceBatches, SegDataset, make_train_loader
 from segcore.data.layouts import discover
 from segcore.data.prepare import load_resized_image, prepare
 
@@ -108,11 +111,10 @@ def _make_loader(kind: str, cache: Path):
                                       num_threads=2)
     workers = 2 if kind == "torch-w2" else 0
     ds = SegDataset(idx, train, six, (CROP, CROP), train=True, seed=0,
-                    cache=kind == "torch-w0-cached")
-    loader = make_train_loader(ds, BATCH, 0, 1, seed=0, num_workers=workers,
-                               pin_memory=BENCH_DEVICE.type == "cuda")
-    loader.set_epoch = lambda e: (loader.sampler.set_epoch(e), ds.set_epoch(e))
-    return loader
+                    cache=kind == "torch-w0-cached", raw=True)
+    return DeviceBatches(make_train_loader(ds, BATCH, 0, 1, seed=0, num_workers=workers,
+                                           pin_memory=BENCH_DEVICE.type == "cuda"),
+                         BENCH_DEVICE)
 
 
 @pytest.mark.parametrize("kind", ["dali", "torch-w0-cached", "torch-w0", "torch-w2"])
@@ -140,7 +142,9 @@ def test_loader_throughput(benchmark, bench_cache, kind):
            cache_px=1024)
     # Stop worker processes and pipeline threads now: left to the garbage collector, a
     # DataLoader's worker shutdown (seconds) lands inside a later benchmark's timing.
-    del loader, two_epochs
+    if hasattr(loader, "close"):
+        loader.close()
+    loader = two_epochs = None  # noqa: F841 (drops the last references now)
     gc.collect()
 
 

@@ -351,7 +351,8 @@ def run(cfg: RunConfig, log: Log = print,
         memory = _gather_memory(ctx, nvml_stats, baseline, trainer.memory.result(), dali_mb)
         ran = {"channels_last": trainer.channels_last,  # what ran (DeepSpeed: NCHW)
                "channels_last_requested": cfg.model.channels_last,
-               "loader_workers": getattr(train_loader, "num_workers", None)}
+               "loader_workers": getattr(train_loader, "num_workers", None),
+               "dist_backend": ctx.backend}
         row = build_row(cfg, ctx, res, flops, {**memory, **cond, **ran})
         row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
                    finished_at=_utc_now())
