@@ -199,7 +199,7 @@ def test_deepspeed_says_once_what_it_compiles_and_how_long_it_took(deepspeed_cpu
     said = on_ranks(_engine_notices, tmp_path, world=1)[0]
     assert len(said) == 2
     assert "compiling its CPU communication op" in said[0] and "once per machine" in said[0]
-    assert "1-2 minutes" in said[0] and "/cache/deepspeed_shm_comm" in said[0]
+    assert "~2 minutes" in said[0] and "/cache/deepspeed_shm_comm" in said[0]
     assert said[1].startswith("DeepSpeed: communication op ready (")
 
 

@@ -38,7 +38,7 @@ def row(proc, out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("engine", ["single", "ddp"])
+@pytest.mark.parametrize("engine", ["single", "ddp", "deepspeed"])
 def test_plain_python(tmp_path, env, engine):
     out = tmp_path / engine
     proc = subprocess.run([sys.executable, TRAIN, *TINY, "--engine", engine, "--out",
