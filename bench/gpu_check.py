@@ -291,11 +291,10 @@ def step_env(c: Check) -> dict[str, Any]:
         return nums
     expect(torch.cuda.is_available(), "torch sees no CUDA device (CUDA_VISIBLE_DEVICES? "
                                       "driver? a CPU-only torch wheel?)")
-    c.gpus = torch.cuda.device_count()
     dev = torch.device("cuda", 0)
     nums.update(gpu=torch.cuda.get_device_name(dev), gpus=c.gpus,
                 capability=".".join(map(str, torch.cuda.get_device_capability(dev))))
-    nums["cuda_math"] = telemetry.set_cuda_math(tf32=True, cudnn_benchmark=True)
+    nums["cuda_math"] = telemetry.cuda_math()  # set by main(), as run.py sets it
     expect(nums["cuda_math"]["tf32_conv"] and nums["cuda_math"]["tf32_matmul"],
            f"TF32 did not switch on: {nums['cuda_math']}")
     if "nvidia-ml-py" in c.optional_missing:
@@ -441,8 +440,9 @@ def step_predict(c: Check) -> dict[str, Any]:
 
     from segcore.data.synthetic import generate_scene
 
-    ckpt = c.products.get("checkpoint")
-    expect(ckpt is not None and ckpt.is_file(), "no checkpoint: the accuracy step failed")
+    # This run's accuracy step, else an earlier run's (for --only predict).
+    ckpt = c.products.get("checkpoint", c.out / "steps" / "accuracy" / "checkpoint.pt")
+    expect(ckpt.is_file(), f"no {ckpt}: run the accuracy step first")
     out = c.step_dir("predict")
     photos = out / "photos"
     photos.mkdir()
@@ -475,8 +475,10 @@ def step_benchmarks(c: Check) -> dict[str, Any]:
     if c.cuda:
         files = ["bench/test_train_step.py", "bench/test_inference.py",
                  "bench/test_kernels.py", "bench/test_loaders.py"]
-        # prepare and JPEG decode are host work, timed by the CPU suite.
-        extra = ["--benchmark-only", "-k", "not prepare", f"--benchmark-json={report}"]
+        # prepare and JPEG decode are host work, timed by the CPU suite; torch.compile
+        # is checked by the compile step (its benchmark would add a minute of compiling).
+        extra = ["--benchmark-only", "-k", "not prepare and not compile",
+                 f"--benchmark-json={report}"]
     else:
         files = ["bench/test_kernels.py", "bench/test_inference.py"]
         extra = ["--benchmark-disable", "-k", "inference_forward or confusion or remap"]
@@ -684,6 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         log("gpu_check: no CUDA device is visible to torch (driver, CUDA_VISIBLE_DEVICES, or "
             "a CPU-only torch wheel); use --device cpu to check the script on a CPU")
         return 2
+    if a.device == "cuda":
+        from segcore.train.telemetry import set_cuda_math
+
+        set_cuda_math(tf32=True, cudnn_benchmark=True)  # the in-process steps, as training
     out = (a.out or default_out(a.device)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
@@ -691,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         old.unlink()  # each run's logs only
     sizes = GPU_SIZES if a.device == "cuda" else CPU_SIZES
     c = Check(a.device, sizes, out, optional_missing, log)
+    c.gpus = torch.cuda.device_count() if a.device == "cuda" else 0
     for pip in optional_missing:
         log(f"note: {pip} is not importable: the steps that need it are skipped")
     log(f"gpu_check: {len(names)} step(s) on {a.device}, results in {out}")

@@ -88,6 +88,20 @@ def test_timing_comparison_measures_both_ways():
         got["windowed_img_s"] / got["per_step_img_s"], rel=0.01)
 
 
+def test_accuracy_step_in_its_cpu_form(tmp_path):
+    """One training run through launch/train.py, checked as on the GPU: the row's timing
+    method, per-phase memory, MFU against both peaks, artefacts without wrapper keys."""
+    assert gpu_check.main(["--device", "cpu", "--only", "accuracy", "--out",
+                           str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "steps/accuracy/result.json").read_text())
+    assert row["timing_method"] == "host_clock" and row["dist_backend"] is None
+    assert row["mem_workload_mb"] == row["mem_train_mb"]
+    assert row["mem_val_mb"] > 0 and row["mem_warmup_mb"] is not None
+    assert row["gemm_tflops_source"].startswith("measured matmul ")
+    assert row["channels_last"] is True and row["channels_last_requested"] is True
+    assert row["loader_workers"] == 0  # CPU: the training threads own the cores
+
+
 @pytest.mark.slow
 def test_cpu_form_of_the_whole_check(tmp_path):
     """``python bench/gpu_check.py --device cpu``: every step passes (DALI may be skipped

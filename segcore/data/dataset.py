@@ -89,7 +89,19 @@ def to_tensor(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.
             torch.from_numpy(np.require(mask, requirements=["C", "W"])).long())
 
 
-def normalize_batch(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+def mean_std(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`MEAN` and :data:`STD` as float32 [1, 3, 1, 1] tensors on ``device``.
+
+    Made once per device by the caller: building them per batch on a GPU would copy from
+    pageable host memory, a copy that waits for the stream, so the host could never run
+    ahead of the GPU.
+    """
+    return (torch.tensor(MEAN).view(1, 3, 1, 1).to(device),
+            torch.tensor(STD).view(1, 3, 1, 1).to(device))
+
+
+def normalize_batch(x: torch.Tensor, channels_last: bool = True,
+                    stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] batch -> normalized float32 [B, 3, H, W] on ``x``'s device.
 
     The same arithmetic as :func:`normalize_image` (``/255``, ``-mean``, ``/std`` in
@@ -100,6 +112,7 @@ def normalize_batch(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor
         x: uint8 images, channels last in the tensor's shape (as the dataset collates).
         channels_last: return channels_last strides (the permuted view's own layout, no
             copy); else contiguous NCHW.
+        stats: :func:`mean_std` on ``x``'s device (made here when not given).
     """
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[-1] != 3:
         raise ValueError(f"normalize_batch: expected a uint8 [B, H, W, 3] batch, got "
@@ -107,8 +120,7 @@ def normalize_batch(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor
     x = x.permute(0, 3, 1, 2)  # NCHW shape, channels_last strides
     if not channels_last:
         x = x.contiguous()  # in uint8: a quarter of the bytes of a float copy
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else mean_std(x.device)
     return x.float().div_(255.0).sub_(mean).div_(std)
 
 
@@ -282,6 +294,7 @@ class DeviceBatches:
         self.sampler = getattr(loader, "sampler", None)
         self.dataset = getattr(loader, "dataset", None)
         self.num_workers = int(getattr(loader, "num_workers", 0))
+        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def on(self, device: torch.device | str) -> "DeviceBatches":
         """The same batches delivered to another device (e.g. the CPU, for figures)."""
@@ -298,10 +311,12 @@ class DeviceBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Asynchronous only from pinned memory on CUDA; elsewhere .to() is synchronous.
         nb = self.device.type == "cuda"
+        if self._stats is None:  # once, not per batch or epoch (see mean_std)
+            self._stats = mean_std(self.device)
         for x, y in self.loader:
             x = x.to(self.device, non_blocking=nb)
             y = y.to(self.device, non_blocking=nb)
-            yield normalize_batch(x, self.channels_last), y.long()
+            yield normalize_batch(x, self.channels_last, self._stats), y.long()
 
 
 class SyntheticBatches:
