@@ -90,7 +90,11 @@ def check_packages(wheels: Path | None, log: Callable[[str], None],
     if wheels is not None and (need or want):
         if not wheels.is_dir():
             return f"--wheels {wheels} is not a folder", want
-        install_from_wheels(wheels, need + want, log)
+        # pip installs all or nothing: the required together, each optional one alone,
+        # so an optional wheel missing from the folder cannot block the rest.
+        install_from_wheels(wheels, need, log)
+        for pip in want:
+            install_from_wheels(wheels, [pip], log)
         need, want = missing_packages(required), missing_packages(optional)
     if need:
         hint = "pip install them" + ("" if wheels else ", or pass --wheels DIR with their wheels")

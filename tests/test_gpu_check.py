@@ -33,10 +33,15 @@ def test_missing_packages_are_named_in_one_line():
 
 def test_wheels_folder_is_tried_then_named(tmp_path):
     got, log = lines()
-    error, _ = check_packages(tmp_path, log, required={"no_such_mod_1x": "no-such-pkg"},
-                              optional={})
-    assert any(f"installing from {tmp_path}: no-such-pkg" in m for m in got)
+    error, optional = check_packages(tmp_path, log,
+                                     required={"no_such_mod_1x": "no-such-pkg"},
+                                     optional={"no_such_mod_2y": "no-such-optional"})
+    # The required packages in one pip call, each optional one in its own.
+    assert [m for m in got if m.startswith("installing")] == [
+        f"installing from {tmp_path}: no-such-pkg",
+        f"installing from {tmp_path}: no-such-optional"]
     assert error == "missing packages: no-such-pkg (pip install them)"
+    assert optional == ["no-such-optional"]
     error, _ = check_packages(tmp_path / "nope", log,
                               required={"no_such_mod_1x": "no-such-pkg"}, optional={})
     assert error == f"--wheels {tmp_path / 'nope'} is not a folder"
