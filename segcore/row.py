@@ -10,6 +10,9 @@ from typing import Any
 
 from segcore.config import RunConfig
 
+# Engines that train in NCHW whatever was asked (their ``channels_last`` attribute is False).
+NCHW_ENGINES = ("deepspeed",)
+
 
 def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
                    device_name: str) -> dict[str, Any]:
@@ -29,7 +32,10 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
         params = count_params(build_model(m, sch.num_classes, binary=sch.is_binary))
     return {
         "engine": t.engine, "zero_stage": t.zero_stage, "loader": d.loader,
-        "precision": t.precision, "channels_last": m.channels_last, "compile": m.compile,
+        "precision": t.precision, "compile": m.compile,
+        # What runs: DeepSpeed keeps weights and inputs NCHW (DeepSpeedEngine).
+        "channels_last": row_channels_last(cfg),
+        "channels_last_requested": m.channels_last,
         "world_size": t.world_size, "nnodes": nnodes, "device_type": device_type,
         "device_name": device_name, "batch_size": t.per_worker_batch,
         "global_batch_size": t.global_batch_size, "arch": m.arch, "depth": m.depth,
@@ -40,3 +46,8 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
         "augment": d.augment, "grad_accum": t.grad_accum, "sync_bn": t.sync_bn,
         "epochs_budget": t.epochs,
     }
+
+
+def row_channels_last(cfg: RunConfig) -> bool:
+    """The memory format a configuration trains in, as its rows record it."""
+    return cfg.model.channels_last and cfg.train.engine not in NCHW_ENGINES

@@ -22,7 +22,7 @@ from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.model import build_model, check_input_size, valid_side_at_most
-from segcore.row import config_columns
+from segcore.row import config_columns, row_channels_last
 from segcore.train.engines import build_engine
 from segcore.train.trainer import Trainer, TrainResult
 
@@ -332,6 +332,9 @@ def run(cfg: RunConfig, log: Log = print,
             if tc.class_weights else None
         trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
                           checkpoint_path=out / "checkpoint.pt", class_weights=weights)
+        if row_channels_last(cfg) != trainer.channels_last:  # rows must say what runs
+            raise RuntimeError(f"segcore.row.NCHW_ENGINES disagrees with engine "
+                               f"{cfg.train.engine!r} about the memory format it trains in")
         if resume_state is not None:
             trainer.resume(resume_state)
         if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
@@ -349,9 +352,7 @@ def run(cfg: RunConfig, log: Log = print,
         nvml_stats = nvml.stop() if nvml else {}
         dali_mb = train_loader.memory_mb() if hasattr(train_loader, "memory_mb") else None
         memory = _gather_memory(ctx, nvml_stats, baseline, trainer.memory.result(), dali_mb)
-        ran = {"channels_last": trainer.channels_last,  # what ran (DeepSpeed: NCHW)
-               "channels_last_requested": cfg.model.channels_last,
-               "loader_workers": getattr(train_loader, "num_workers", None),
+        ran = {"loader_workers": getattr(train_loader, "num_workers", None),
                "dist_backend": ctx.backend}
         row = build_row(cfg, ctx, res, flops, {**memory, **cond, **ran})
         row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
