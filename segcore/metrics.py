@@ -38,7 +38,8 @@ Conventions (mmsegmentation's names and its rule for the means):
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -434,3 +435,51 @@ class ProbHistogram:
             steps = np.diff(recall, prepend=0.0)
             out[name] = float(np.sum(steps * precision))
         return out
+
+    def roc_curve(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """ROC curve of class ``c`` over the quantised scores, from (0, 0) to (1, 1).
+
+        Returns:
+            ``(fpr, tpr)``, float64 arrays of length ``bins + 1`` (thresholds descending,
+            the first point predicts nothing positive); NaN where the class has no
+            positives (tpr) or no negatives (fpr).
+        """
+        h = self.hist[c].double().cpu().numpy()
+        neg, pos = h[0][::-1], h[1][::-1]
+        tp = np.concatenate([[0.0], np.cumsum(pos)])
+        fp = np.concatenate([[0.0], np.cumsum(neg)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpr = tp / tp[-1] if tp[-1] > 0 else np.full_like(tp, np.nan)
+            fpr = fp / fp[-1] if fp[-1] > 0 else np.full_like(fp, np.nan)
+        return fpr, tpr
+
+    def roc_auc(self, class_names: Sequence[str] | None = None) -> dict:
+        """Area under each class's ROC curve (trapezoids; ties within a bin count half,
+        as for the exact AUC of tied scores). NaN for a class without positives or
+        without negatives."""
+        out = {}
+        for c, name in enumerate(_names(self.num_classes, class_names)):
+            fpr, tpr = self.roc_curve(c)
+            out[name] = (float("nan") if np.isnan(fpr[-1]) or np.isnan(tpr[-1])
+                         else float(np.trapezoid(tpr, fpr)))
+        return out
+
+    def summary(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        """AP and AUC per class, their means over classes where defined (``mAP``,
+        ``mAUC``), and the curves (``pr``: precision/recall, ``roc``: fpr/tpr per class)
+        as lists for ``metrics.json`` and the figures."""
+        names = _names(self.num_classes, class_names)
+        ap, auc = self.average_precision(names), self.roc_auc(names)
+        pr, roc = {}, {}
+        for c, name in enumerate(names):
+            precision, recall, _ = self.pr_curve(c)
+            fpr, tpr = self.roc_curve(c)
+            pr[str(name)] = {"precision": precision.tolist(), "recall": recall.tolist()}
+            roc[str(name)] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+        def mean(d: dict) -> float:
+            vals = [v for v in d.values() if not math.isnan(v)]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        return {"mAP": mean(ap), "mAUC": mean(auc), "AP": ap, "AUC": auc, "pr": pr,
+                "roc": roc, "bins": self.bins}

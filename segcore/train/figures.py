@@ -108,12 +108,37 @@ def plot_samples(model, loader, scheme: ClassScheme, device, channels_last: bool
     _save(fig, path)
 
 
+def plot_pr_roc(curves: dict, pr_path: Path, roc_path: Path) -> None:
+    """Per-class precision-recall (with AP) and ROC (with AUC) curves of the validation
+    set, from the fixed-bin score histograms (``ProbHistogram.summary``)."""
+    for key, path, (xk, yk), (xl, yl), metric, mean in (
+            ("pr", pr_path, ("recall", "precision"), ("recall", "precision"), "AP", "mAP"),
+            ("roc", roc_path, ("fpr", "tpr"), ("false positive rate", "true positive rate"),
+             "AUC", "mAUC")):
+        fig, ax = plt.subplots(figsize=(5.2, 4.4))
+        for name, c in curves[key].items():
+            x, y = np.asarray(c[xk], dtype=float), np.asarray(c[yk], dtype=float)
+            if np.isnan(x).all() or np.isnan(y).all():
+                continue  # the class is absent from the validation truth
+            ax.plot(x, y, label=f"{name} ({metric} {curves[metric][name]:.2f})", lw=1.4)
+        if key == "roc":
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1, label="chance")
+        ax.set(xlabel=xl, ylabel=yl, xlim=(0, 1), ylim=(0, 1.02),
+               title=f"{mean} {curves[mean]:.3f} over classes (validation, "
+                     f"{curves['bins']} score bins)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="lower left" if key == "pr" else "lower right")
+        _save(fig, path)
+
+
 def run_figures(out: Path, res, scheme: ClassScheme, model, val_loader, device,
                 channels_last: bool) -> None:
     """All figures of one run into ``out``."""
     out = Path(out)
     if res.history:
         plot_curves(res.history, out / "curves.png")
+    if res.metrics and res.metrics.get("curves"):
+        plot_pr_roc(res.metrics["curves"], out / "pr.png", out / "roc.png")
     if res.confusion is not None:
         plot_confusion(res.confusion, scheme.names, out / "confusion.png")
         plot_samples(model, val_loader, scheme, device, channels_last, out / "samples.png")

@@ -251,6 +251,7 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
     # mean of the normalized confusion diagonal (segcore.sweep.study defines them).
     row["F1"] = m.get(f"Dice.{sch.names[1]}") if sch.is_binary else m.get("mDice")
     row["mConfDiag"] = m.get("mConfDiag")
+    row["mAP"], row["mAUC"] = m.get("mAP"), m.get("mAUC")
     for name in sch.names:
         row[f"IoU.{name}"] = m.get(f"IoU.{name}")
     return row

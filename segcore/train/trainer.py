@@ -27,7 +27,7 @@ from segcore.dist import DistContext, all_reduce_sum
 from segcore.train.checkpoint import save_checkpoint
 from segcore.train.engines import Engine
 from segcore.train.losses import segmentation_loss
-from segcore.metrics import ConfusionMatrix
+from segcore.metrics import ConfusionMatrix, ProbHistogram
 from segcore.train.telemetry import PhasePeaks, StepTimer, step_timer
 
 
@@ -185,6 +185,9 @@ class Trainer:
         """
         n_out = self.scheme.num_classes
         cm = ConfusionMatrix(n_out, ignore_index=IGNORE_INDEX, device=self.ctx.device)
+        # Score histograms (fixed bins: summed exactly over batches and ranks) for
+        # precision-recall and ROC curves, AP and AUC per class.
+        hist = ProbHistogram(n_out, ignore_index=IGNORE_INDEX, device=self.ctx.device)
         loss_sum = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
         batches = iter(self.val_loader)
         first = next(batches, None)
@@ -196,12 +199,18 @@ class Trainer:
                 loss_sum[0] += self._loss(logits, y, reduction="sum").double()
                 loss_sum[1] += (y != IGNORE_INDEX).sum()
                 cm.update(self.scheme.predict(logits.float()), y)
+                scores = logits.float()
+                hist.update(torch.sigmoid(scores) if self.scheme.is_binary
+                            else scores.softmax(dim=1), y)
             for _ in range(n_pad):
                 forward(blank)
         cm.all_reduce()
+        hist.all_reduce()
         all_reduce_sum(loss_sum)
         metrics = cm.compute(self.scheme.names)
         metrics["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+        curves = hist.summary(self.scheme.names)
+        metrics.update(mAP=curves["mAP"], mAUC=curves["mAUC"], curves=curves)
         return metrics, cm.mat.cpu()
 
     def _eval_padding(self, first) -> tuple[int, torch.Tensor | None]:
@@ -314,7 +323,7 @@ class Trainer:
                 if do_val and ((epoch + 1) % tc.val_every == 0 or last):
                     metrics, cm = self._validate_phase()
                     row.update({k: metrics[k]
-                                for k in ("val_loss", "mIoU", "mDice", "mAcc", "aAcc")})
+                                for k in ("val_loss", "mIoU", "mDice", "mAcc", "aAcc", "mAP")})
                     if self.time_to_target_s is None and metrics["mIoU"] >= tc.target_miou:
                         self.time_to_target_s = self.train_time_s
                     score = self._score(metrics)
