@@ -521,8 +521,10 @@ def test_phase_peaks_keep_each_phase_apart(monkeypatch):
     def use(mb):  # allocate to mb, then free back to the resident level
         state["peak"] = max(state["peak"], mb)
 
-    monkeypatch.setattr(telemetry, "allocator_peak_mb", alloc)
-    monkeypatch.setattr(telemetry, "reset_allocator_peak", reset)
+    from segcore.train import memory
+
+    monkeypatch.setattr(memory, "allocator_peak_mb", alloc)
+    monkeypatch.setattr(memory, "reset_allocator_peak", reset)
     phases = telemetry.PhasePeaks("cuda:0")
     state["now"] = 100.0  # weights + optimizer state
     phases.enter("warmup")
