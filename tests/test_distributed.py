@@ -198,3 +198,15 @@ def test_failing_rank_fails_the_job_fast_and_keeps_results(tmp_path, env):
     assert "[rank 1] error: RuntimeError: injected fault on rank 1 at step 4" in text
     assert (out / "checkpoint.pt").is_file()  # written before the failure, kept
     assert (out / "config.toml").is_file()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_bf16_trains_batchnorm_models(tmp_path, env, stage):
+    # DeepSpeed casts weights to bf16 but not BatchNorm's running statistics; the engine
+    # casts them, or the first forward fails ("expected scalar type BFloat16").
+    out = tmp_path / f"bf16z{stage}"
+    args = [a for a in TINY if a not in ("--norm", "group")]
+    ok(torchrun(1, args + ["--norm", "batch", "--engine", "deepspeed", "--zero-stage",
+                           str(stage), "--precision", "bf16", "--batch-size", "2",
+                           "--steps", "2", "--out", str(out)], env))
+    assert len(losses(out)) == 2

@@ -173,8 +173,17 @@ class DeepSpeedEngine(Engine):
         self.module = getattr(engine.module, "_orig_mod", engine.module)
         self._ds = ds_mod
         self._in_accum = False
-        # DeepSpeed casts the weights for bf16/fp16; inputs must follow.
+        # DeepSpeed casts the weights for bf16/fp16; inputs must follow, and so must
+        # BatchNorm's running statistics (buffers, which DeepSpeed leaves in fp32: batch
+        # norm then fails with "expected scalar type BFloat16 but found Float").
         self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        if self.input_dtype is not None:
+            for m in self.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for name in ("running_mean", "running_var"):
+                        buf = getattr(m, name)
+                        if buf is not None and buf.dtype != self.input_dtype:
+                            setattr(m, name, buf.to(self.input_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_dtype is not None:
