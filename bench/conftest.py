@@ -22,6 +22,18 @@ CUDA_MATH = set_cuda_math(tf32=True, cudnn_benchmark=True) \
     if BENCH_DEVICE.type == "cuda" else None
 
 
+def skip_if_emulated(precision: str) -> None:
+    """Leave out a precision this host only emulates (bf16 on an AVX2-only CPU ran a train
+    step 13-33x slower than fp32): it would time the emulation, and take minutes.
+    ``SEGBENCH_BENCH_EMULATED=1`` runs it anyway."""
+    from segcore.precision import native_precision
+
+    native, why = native_precision(precision, BENCH_DEVICE)
+    if not native and os.environ.get("SEGBENCH_BENCH_EMULATED") != "1":
+        pytest.skip(f"{precision} is emulated here ({why}); SEGBENCH_BENCH_EMULATED=1 "
+                    "times it anyway")
+
+
 def sync() -> None:
     if BENCH_DEVICE.type == "cuda":
         torch.cuda.synchronize()

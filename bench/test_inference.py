@@ -33,7 +33,8 @@ from segcore.precision import PrecisionPolicy
 from segcore.predict.blocks import predict_classes
 from segcore.predict.tiles import predict_image
 
-from bench.conftest import BENCH_DEVICE, CUDA_MATH, record, slowdown, sync
+from bench.conftest import (BENCH_DEVICE, CUDA_MATH, record, skip_if_emulated, slowdown,
+                            sync)
 from bench.ratios import PairedReference, record_ratio
 from bench.test_train_step import make_step
 
@@ -58,6 +59,7 @@ def _model(arch: str) -> torch.nn.Module:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_inference_forward(benchmark, arch, precision):
+    skip_if_emulated(precision)
     benchmark.group = f"inference forward {SIZE}px b{BATCH} channels-last"
     model = _model(arch)
     policy = PrecisionPolicy(precision, BENCH_DEVICE.type)
@@ -110,6 +112,7 @@ def test_tiled_prediction_path(benchmark):
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_ratio_train_step_bf16_cl_vs_fp32_nchw(benchmark, arch):
+    skip_if_emulated("bf16")
     benchmark.group = f"ratio: train step {SIZE}px b{BATCH}, bf16-cl / fp32-nchw"
     fast = make_step(arch, "bf16", True)
     ref = PairedReference(make_step(arch, "fp32", False))

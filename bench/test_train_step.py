@@ -15,7 +15,7 @@ from segcore.train.engines.base import Engine
 from segcore.model import build_model
 from segcore.train.losses import segmentation_loss
 
-from bench.conftest import BENCH_DEVICE, record, slowdown, sync
+from bench.conftest import BENCH_DEVICE, record, skip_if_emulated, slowdown, sync
 
 SIZE, BATCH = (512, 8) if BENCH_DEVICE.type == "cuda" else (256, 4)
 ARCHS = {"paper": (16, 32, 64), "modern": (16, 32, 64, 128)}
@@ -52,6 +52,7 @@ def make_step(arch: str, precision: str, channels_last: bool, compile_: bool = F
 @pytest.mark.parametrize("precision,channels_last", VARIANTS,
                          ids=[f"{p}-{'cl' if c else 'nchw'}" for p, c in VARIANTS])
 def test_train_step(benchmark, arch, precision, channels_last):
+    skip_if_emulated(precision)
     benchmark.group = f"train-step {arch} {SIZE}px b{BATCH}"
     step = make_step(arch, precision, channels_last)
     loss = benchmark.pedantic(step, rounds=5, warmup_rounds=2, iterations=1)

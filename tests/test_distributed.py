@@ -50,8 +50,10 @@ def env(tmp_path_factory):
 
 
 def torchrun(nproc: int, args: list[str], env, timeout=240, extra=()):
+    # --standalone: torchrun picks its own free port (a port chosen here could be taken
+    # before torchrun binds it).
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", *extra, TRAIN, *args]
+           "--standalone", *extra, TRAIN, *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -109,7 +111,10 @@ def test_deepspeed_zero2_matches_ddp(tmp_path, env):
     assert row["engine"] == "deepspeed" and row["zero_stage"] == 2
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
+# Stage 3 (partitioned weights, gathered into the checkpoint) runs in CI; stages 0 and 1
+# add little beyond it and the ZeRO-2 equivalence test, so they are slow-only.
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow),
+                                   pytest.param(1, marks=pytest.mark.slow), 3])
 def test_deepspeed_zero_stages_run(tmp_path, env, stage):
     out = tmp_path / f"z{stage}"
     ok(torchrun(2, TINY + ["--engine", "deepspeed", "--zero-stage", str(stage),
@@ -131,8 +136,8 @@ def ddp_reference(tmp_path_factory, env):
     return losses(out)
 
 
-@pytest.mark.parametrize("engine", [
-    "ddp", pytest.param("fsdp", marks=pytest.mark.slow),
+@pytest.mark.parametrize("engine", [  # zero3 in CI: the issue-16 hang; ddp is in test_trainer
+    pytest.param("ddp", marks=pytest.mark.slow), pytest.param("fsdp", marks=pytest.mark.slow),
     pytest.param("zero0", marks=pytest.mark.slow),
     pytest.param("zero1", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow),
     "zero3"])
@@ -200,7 +205,7 @@ def test_failing_rank_fails_the_job_fast_and_keeps_results(tmp_path, env):
     assert (out / "config.toml").is_file()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_deepspeed_bf16_trains_batchnorm_models(tmp_path, env, stage):
     # DeepSpeed casts weights to bf16 but not BatchNorm's running statistics; the engine
     # casts them, or the first forward fails ("expected scalar type BFloat16").

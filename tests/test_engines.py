@@ -244,7 +244,8 @@ def _zero_checkpoint(rank, world, out, stage, precision):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (1, "bf16"), (3, "fp32")])
+@pytest.mark.parametrize("stage,precision", [pytest.param(0, "fp32", marks=pytest.mark.slow),
+                                             (1, "bf16"), (3, "fp32")])
 def test_deepspeed_checkpoint_restores_optimizer_and_schedule(deepspeed_cpu, tmp_path,
                                                               stage, precision):
     ranks = on_ranks(_zero_checkpoint, tmp_path, str(tmp_path), stage, precision)

@@ -135,6 +135,7 @@ def _run(engine: str, tmp_path: Path, precision: str = "fp32", steps: int = 4):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # CI runs the same equivalence through launch/train.py
 def test_fsdp_trajectory_equals_ddp_on_two_gloo_workers(tmp_path):
     ddp, ddp_w = _run("ddp", tmp_path)
     fsdp, fsdp_w = _run("fsdp", tmp_path)
@@ -158,6 +159,7 @@ def test_fsdp_trajectory_equals_ddp_on_two_gloo_workers(tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_fsdp_bf16_mixed_precision_tracks_ddp_autocast(tmp_path):
     ddp, _ = _run("ddp", tmp_path, "bf16", steps=3)
     fsdp, weights = _run("fsdp", tmp_path, "bf16", steps=3)

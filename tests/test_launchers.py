@@ -38,7 +38,8 @@ def row(proc, out: Path) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
-@pytest.mark.parametrize("engine", ["single", "ddp", "deepspeed"])
+@pytest.mark.parametrize("engine", [pytest.param("single", marks=pytest.mark.slow), "ddp",
+                                    "deepspeed"])  # plain single runs are in many tests
 def test_plain_python(tmp_path, env, engine):
     out = tmp_path / engine
     proc = subprocess.run([sys.executable, TRAIN, *TINY, "--engine", engine, "--out",

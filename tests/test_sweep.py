@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from segcore.config import ConfigError, load_config
+from segcore.config import ConfigError
 from segcore.sweep.driver import check_resume_spec, writer_lock, FolderBusy, _record_start
 from segcore.sweep.grid import SweepSpec, expand, parse_engine, preset
 from segcore.sweep.jobs import (child_env, classify_failure, failure_row, job_command)

@@ -547,8 +547,13 @@ def test_phase_peaks_on_the_host_are_above_the_baseline():
     base = host_rss_mb()
     phases = telemetry.PhasePeaks("cpu", baseline_mb=base)
     phases.enter("train")
-    block = np.ones(40 * 2 ** 20 // 8)  # 40 MiB, touched
-    del block
+    # 40 MiB of fresh pages, touched: an anonymous mapping, so the allocator cannot hand
+    # back pages an earlier test freed but the process still holds (no RSS growth then).
+    import mmap
+
+    block = mmap.mmap(-1, 40 * 2 ** 20)
+    block.write(b"\x01" * len(block))
+    block.close()
     r = phases.result()
     assert phases.source == "host_peak_rss"
     assert r["train_mb"] is not None and r["train_mb"] >= 30.0

@@ -150,8 +150,11 @@ ENGINES = [("ddp", 0), ("fsdp", 0), ("deepspeed", 0), ("deepspeed", 1), ("deepsp
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("engine,zero", ENGINES, ids=[f"{e}{z if e == 'deepspeed' else ''}"
-                                                      for e, z in ENGINES])
+# ZeRO 0-2 forwards are local like DDP's; ZeRO-3 and FSDP (collective forwards) run in CI.
+@pytest.mark.parametrize("engine,zero", [
+    pytest.param(e, z, id=f"{e}{z if e == 'deepspeed' else ''}",
+                 marks=[pytest.mark.slow] if e == "deepspeed" and z < 3 else [])
+    for e, z in ENGINES])
 def test_validation_on_two_ranks_with_uneven_shards_equals_one_process(tmp_path, engine,
                                                                         zero):
     ranks = on_ranks(_validate_fresh_and_trained, tmp_path, engine, zero)
