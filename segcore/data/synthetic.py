@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image
 
 from segcore.data.classes import SDD_NAMES, class_csv_text
+from segcore.data.noise import box_blur, fbm, value_noise
 from segcore.io import write_bytes_atomic, write_text_atomic
 
 # Bump when the generator's output changes so cached datasets are regenerated.
@@ -72,55 +73,6 @@ FENCE, FENCE_POLE, PERSON, CAR, TREE, OBSTACLE = (_L[n] for n in (
 _F32 = np.float32
 
 
-# --------------------------------------------------------------------------- noise
-
-def _value_noise(rng: np.random.Generator, h: int, w: int, cell: float) -> np.ndarray:
-    """Smooth value noise (std ~0.6) with features about ``cell`` pixels across."""
-    cell = max(float(cell), 1.0)
-    gh, gw = int(h / cell) + 3, int(w / cell) + 3
-    grid = rng.standard_normal((gh, gw), dtype=_F32)
-    oy, ox = rng.random(2) * cell
-
-    def axis(n, off):
-        p = (np.arange(n, dtype=_F32) + _F32(off)) / _F32(cell)
-        i0 = p.astype(np.int32)
-        f = p - i0
-        f = f * f * (3 - 2 * f)  # smoothstep: no visible grid lines
-        return i0, i0 + 1, f
-
-    y0, y1, fy = axis(h, oy)
-    x0, x1, fx = axis(w, ox)
-    gx = grid[:, x0] * (1 - fx) + grid[:, x1] * fx  # (gh, w)
-    return gx[y0] * (1 - fy)[:, None] + gx[y1] * fy[:, None]
-
-
-def _fbm(rng: np.random.Generator, h: int, w: int, cell: float, octaves: int = 3) -> np.ndarray:
-    """Fractal (multi-octave) noise normalised to zero mean and unit std."""
-    out = np.zeros((h, w), _F32)
-    amp = 1.0
-    for _ in range(octaves):
-        out += _F32(amp) * _value_noise(rng, h, w, cell)
-        cell, amp = cell / 2, amp / 2
-    out -= out.mean()
-    out /= out.std() + 1e-6
-    return out
-
-
-def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
-    """Separable box blur of radius ``r`` over the first two axes (edges clamped)."""
-    if r < 1:
-        return a
-    for axis in (0, 1):
-        n = a.shape[axis]
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (r + 1, r)
-        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=_F32)
-        hi = np.take(c, np.arange(2 * r + 1, 2 * r + 1 + n), axis=axis)
-        lo = np.take(c, np.arange(0, n), axis=axis)
-        a = (hi - lo) / _F32(2 * r + 1)
-    return a
-
-
 # --------------------------------------------------------------------------- canvas
 
 class _Canvas:
@@ -133,9 +85,9 @@ class _Canvas:
         self.mask = np.full((h, w), GRASS, np.uint8)
         self.blocked = np.zeros((h, w), bool)  # roads, water, buildings: no new building
         self.caster = np.zeros((h, w), bool)  # pixels that cast a shadow
-        self.low = _fbm(rng, h, w, self.d * 0.35)
-        self.low2 = _fbm(rng, h, w, self.d * 0.2)
-        self.mid = _fbm(rng, h, w, max(self.d * 0.025, 1.5), octaves=2)
+        self.low = fbm(rng, h, w, self.d * 0.35)
+        self.low2 = fbm(rng, h, w, self.d * 0.2)
+        self.mid = fbm(rng, h, w, max(self.d * 0.025, 1.5), octaves=2)
         self.fine = rng.standard_normal((h, w), dtype=_F32)
         sun = rng.uniform(0, 2 * math.pi)
         self.sun = (math.cos(sun), math.sin(sun))  # direction the light comes FROM (x, y)
@@ -687,7 +639,7 @@ def _shadows(cv: _Canvas) -> None:
         dst = shadow[max(oy, 0):cv.h - max(-oy, 0), max(ox, 0):cv.w - max(-ox, 0)]
         np.maximum(dst, src.astype(_F32), out=dst)
     shadow[cv.caster] = 0
-    shadow = _box_blur(shadow, max(1, int(cv.px(0.004))))
+    shadow = box_blur(shadow, max(1, int(cv.px(0.004))))
     dark = rng.uniform(0.4, 0.6)
     cv.img *= (1 - (1 - dark) * shadow)[..., None]
 
@@ -696,7 +648,7 @@ def _camera(cv: _Canvas) -> np.ndarray:
     rng = cv.rng
     img = cv.img
     if rng.random() < 0.35:  # a cloud shadow drifting over the scene
-        cloud = np.clip((_value_noise(rng, cv.h, cv.w, cv.d * 0.5) - 0.2) * 2, 0, 1)
+        cloud = np.clip((value_noise(rng, cv.h, cv.w, cv.d * 0.5) - 0.2) * 2, 0, 1)
         img *= (1 - rng.uniform(0.15, 0.35) * cloud)[..., None]
     # brightness, contrast, saturation, colour temperature
     gain = rng.uniform(0.82, 1.15)
