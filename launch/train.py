@@ -276,15 +276,14 @@ def die_with_parent() -> None:
 
 
 def leave(rc: int) -> None:
-    """Exit with ``rc``. After DeepSpeed ran, skip interpreter shutdown: its CPU
-    communication op's thread aborts the process there about half the time ("terminate
-    called without an active exception", SIGABRT) after every result was written, and
-    torchrun would report a finished job as failed."""
-    if "deepspeed" in sys.modules:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    sys.exit(rc)
+    """Exit with ``rc`` without interpreter shutdown once everything is written and
+    flushed: a gloo worker (DeepSpeed's CPU op, or a torch thread) aborts there now and
+    then ("terminate called without an active exception", SIGABRT) after every result
+    was written, and torchrun would report a finished job as failed. DataLoader workers
+    notice their parent leaving and exit too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
