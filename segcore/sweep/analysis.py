@@ -363,7 +363,7 @@ def frame(df: pd.DataFrame | None) -> pd.DataFrame:
     Args:
         df: rows as in runs.csv or runs.jsonl (any statuses, gaps allowed), or None.
     """
-    d = _clean(df)
+    d = _clean(df).copy()  # one block per dtype: the columns added below stay cheap
     fam = family_columns(d)
     d["family"] = pd.Series(family_keys(d, fam), index=d.index, dtype=object)
     d["config"] = pd.Series(family_keys(d, [*fam, "world_size"]), index=d.index,
@@ -372,6 +372,7 @@ def frame(df: pd.DataFrame | None) -> pd.DataFrame:
     _speedup(d)
     _spread(d)
     _flags(d)
+    d = d.copy()  # defragment once (many derived columns were inserted one by one)
     _memory(d)
     d["pareto"] = pareto_front(d)
     return d
