@@ -151,7 +151,7 @@ def committed(folder: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("folder", ["cpu-2c-amd-epyc-engines", "cpu-2c-amd-epyc-default"])
+@pytest.mark.parametrize("folder", ["cpu-2c-amd-epyc-engines", "cpu-2c-amd-epyc-default-v0.1"])
 def test_leave_one_out_on_the_committed_cpu_sweeps(folder):
     # gloo on this host measures ~1-2 GB/s and ~100-200 us per ring step (commbench)
     gloo = sm.Interconnect.from_bandwidth("gloo-like", 12.0, 150.0)
