@@ -218,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             out = SWEEPS / sweep_id
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the results")
+        if "TORCHELASTIC_RUN_ID" in os.environ and a.nnodes == 1:
+            print("note: the sweep starts its own torchrun job per configuration; "
+                  "`python launch/sweep.py` does the same, and on Ctrl-C it is spared "
+                  "torchrun's own traceback", flush=True)
         if cpu:
             print(f"no GPU: each worker is a CPU process with {threads} thread(s) (gloo). "
                   "CPU timings show code paths and relative effects, not GPU performance.",
