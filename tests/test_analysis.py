@@ -300,6 +300,18 @@ def test_best_all_flagged_says_why():
     assert eff.row is None and "baseline" in eff.note
 
 
+def test_a_run_that_did_not_converge_still_has_a_throughput_but_no_best_accuracy():
+    acc = dict(mode="both", train_loss_first=2.0)
+    d = analysed(row("fast", throughput_img_s=50.0, mIoU=0.05, train_loss_last=2.1,
+                     batch_size=8, **acc),
+                 row("good", throughput_img_s=20.0, mIoU=0.60, train_loss_last=0.5, **acc))
+    assert d.loc["fast", "flags"] == "not-converged"
+    b = best(d)
+    assert b["Highest throughput"].row["run_id"] == "fast"  # the measurement is sound
+    assert b["Best mIoU"].row["run_id"] == "good"
+    assert not d.loc["fast", "pareto"]
+
+
 # --------------------------------------------------------------------------- caveats
 
 

@@ -70,6 +70,8 @@ __all__ = [
 ]
 
 MIN_MEASURED_STEPS = 30
+# Objectives judged on the measurement alone (convergence does not change them).
+SPEED_OBJECTIVES = ("throughput_img_s", "scaling_efficiency", "memory_mb")
 CI_LIMIT_PCT = 10.0
 FLAGS = {
     "few-steps": f"fewer than {MIN_MEASURED_STEPS} measured steps",
@@ -476,8 +478,15 @@ def _pick(conf: pd.DataFrame, objective: str, col: str, highest: bool, missing: 
           pool: pd.DataFrame | None = None) -> Best:
     pool = conf if pool is None else pool
     have = pool[pool[col].notna()] if len(pool) else pool
-    weak = have["low_confidence"] | (have["baseline_low_confidence"]
-                                     if col == "scaling_efficiency" else False)
+    if col in SPEED_OBJECTIVES:
+        # A speed or memory figure stands whether or not the run converged: only the
+        # flags about the measurement itself bar it.
+        weak = pd.Series([any(x.strip() in FLAGS and x.strip() != "not-converged"
+                               for x in str(f).split(",")) for f in have["flags"]],
+                         index=have.index, dtype=bool)
+    else:
+        weak = have["low_confidence"]
+    weak = weak | (have["baseline_low_confidence"] if col == "scaling_efficiency" else False)
     good = have[~weak]
     if not len(have):
         return Best(objective, col, None, missing)

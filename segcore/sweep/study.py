@@ -138,11 +138,12 @@ def study_section(d, env: dict[str, Any]) -> list[str]:
         for s in mine:
             r, p = rows[s.name], s.published
             body.append([s.name, s.widths.replace(",", "-"), "yes" if s.augment else "no",
-                         f"{int(r.get('epochs') or 0)}/{s.epochs}", r.get("num_classes"),
+                         f"{int(r.get('epochs') or 0)}/{s.epochs}",
+                         _num(r.get("num_classes"), ".0f"),
                          _num(r.get("val_loss"), ".3f"), _num(r.get("F1"), ".2f"),
                          _num(p.get("F1"), ".2f"), _num(r.get("mDice"), ".2f"),
                          _num(p.get("dice"), ".2f"), _num(r.get("mConfDiag"), ".2f"),
-                         _num(p.get("diag"), ".2f"), _num(r.get("train_time_s"), ".0f"),
+                         _num(p.get("diag"), ".2f"), _num(r.get("train_time_s"), ".1f"),
                          _num(p.get("time_s"), ".0f")])
         lines += [f"### {title}", "", markdown_table(
             ["session", "widths", "augmented", "epochs run/study", "classes", "test loss",
