@@ -275,7 +275,7 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def leave(rc: int) -> None:
+def leave(rc: int | None) -> None:
     """Exit with ``rc`` without interpreter shutdown once everything is written and
     flushed: a gloo worker (DeepSpeed's CPU op, or a torch thread) aborts there now and
     then ("terminate called without an active exception", SIGABRT) after every result
@@ -283,7 +283,9 @@ def leave(rc: int) -> None:
     notice their parent leaving and exit too."""
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(rc)
+    # main() returns None where argparse exited (--help: 0), as torch's @record passes
+    # SystemExit's code through.
+    os._exit(rc if isinstance(rc, int) else 0 if rc is None else 1)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,11 @@ def test_checkpoint_write_failure_leaves_the_old_one_and_no_temp_file(tmp_path, 
         checkpoint.save_checkpoint({"config": {}, "engine": {"model": {}}}, path)
     assert checkpoint.load_checkpoint(path)["engine"]["model"]["w"].sum() == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_help_and_unknown_flags_exit_cleanly(env):
+    ok = run([sys.executable, TRAIN, "--help"], env, timeout=120)
+    assert ok.returncode == 0 and "--measure-steps" in ok.stdout and not ok.stderr
+    bad = run([sys.executable, TRAIN, "--bogus"], env, timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    assert "Traceback" not in bad.stderr
