@@ -121,6 +121,11 @@ def _worker(rank: int, world: int, port: int, engine: str, precision: str, steps
             Path(out, "result.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without interpreter shutdown, where a gloo worker now and then
+    # aborts in a C++ destructor (as launch/train.py does).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run(engine: str, tmp_path: Path, precision: str = "fp32", steps: int = 4):
