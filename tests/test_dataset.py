@@ -5,8 +5,8 @@ from torch.utils.data import DistributedSampler
 
 from segcore.data.classes import scheme
 from segcore.data.dataset import (MEAN, STD, AugmentParams, SegDataset, ShardSampler,
-                                  apply_augment, make_train_loader, split_samples)
-from segcore.data.layouts import DatasetError, discover
+                                  apply_augment, make_train_loader)
+from segcore.data.layouts import DatasetError, discover, split_samples
 
 from conftest import write_pair
 

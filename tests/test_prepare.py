@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from segcore.data.classes import scheme
-from segcore.data.dataset import SegDataset, split_samples
+from segcore.data.dataset import SegDataset
+from segcore.data.layouts import split_samples
 from segcore.data.layouts import MANIFEST, DatasetError, discover, validate
 from segcore.data.prepare import prepare, target_size
 

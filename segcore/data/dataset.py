@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from segcore.data.classes import IGNORE_INDEX, ClassScheme
-from segcore.data.layouts import DatasetIndex, Sample, split_samples  # noqa: F401
+from segcore.data.layouts import DatasetIndex, Sample
 
 # ImageNet statistics: the usual choice, and the DALI pipeline uses the same numbers.
 MEAN = (0.485, 0.456, 0.406)
