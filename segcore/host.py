@@ -20,6 +20,29 @@ from typing import Any
 
 from segcore.io import to_jsonable
 
+# What a launcher (torchrun/torchelastic, the DeepSpeed launcher, Open MPI) sets for its own
+# workers. A process the sweep driver starts must not inherit it, or it tries to join the
+# launcher's rendezvous: with TORCHELASTIC_USE_AGENT_STORE torch connects to MASTER_PORT
+# as a store *client* and waits there until its timeout.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "NODE_RANK",
+                "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE",
+                "TORCH_NCCL_ASYNC_ERROR_HANDLING")
+LAUNCHER_ENV_PREFIXES = ("TORCHELASTIC_", "OMPI_COMM_WORLD_")
+
+
+def is_launcher_var(name: str) -> bool:
+    """Whether ``name`` is a variable a launcher set for its workers (:data:`LAUNCHER_ENV`)."""
+    return name in LAUNCHER_ENV or name.startswith(LAUNCHER_ENV_PREFIXES)
+
+
+def scrub_launcher_env(env: "os._Environ[str] | dict[str, str] | None" = None) -> None:
+    """Remove the launcher's variables from ``env`` (default: this process's environment),
+    so that a process group made here is this process's own."""
+    env = os.environ if env is None else env
+    for name in [k for k in env if is_launcher_var(k)]:
+        del env[name]
+
 
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask), at least 1."""

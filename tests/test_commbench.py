@@ -189,3 +189,46 @@ def test_commbench_for_sweep_with_one_worker_records_why(tmp_path):
     data = json.loads(path.read_text())
     assert path.name == "commbench.json" and "skipped" in data
     assert data["models"][0]["params"] > 0
+
+
+@pytest.mark.multiproc
+def test_spawn_commbench_ignores_a_parent_launchers_rendezvous(monkeypatch, tmp_path):
+    # What a worker of `torchrun launch/sweep.py` inherits: a store at MASTER_PORT that
+    # nobody serves to the benchmark's workers (they hung there for 180 s).
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                 "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                 "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "x",
+                 "CROSS_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    log = tmp_path / "commbench.log"
+    res = comm.spawn_commbench(2, timeout_s=60, log_path=log, sizes=[4096, 65536],
+                               bucket_bytes=[], repeats=2, warmup=1)
+    assert res["world_size"] == 2 and set(res["collectives"]) == set(comm.COLLECTIVES)
+
+
+@pytest.mark.multiproc
+def test_a_failing_worker_is_one_line_naming_its_error_and_the_log(tmp_path):
+    log = tmp_path / "commbench.log"
+    with pytest.raises(comm.CommbenchError) as e:
+        comm.spawn_commbench(2, timeout_s=60, log_path=log, sizes=[4096], bogus=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "TypeError" in msg and "bogus" in msg and str(log) in msg
+    assert "Traceback" in log.read_text()  # the whole traceback went to the log
+
+
+def test_a_failed_measurement_is_recorded_and_the_report_says_why(tmp_path, monkeypatch):
+    from segcore.scaling.report import report_section
+
+    def fail(*a, **k):
+        raise comm.CommbenchError("worker 1: RuntimeError: connection refused")
+
+    monkeypatch.setattr(comm, "spawn_commbench", fail)
+    with pytest.raises(comm.CommbenchError):
+        comm.commbench_for_sweep(tmp_path, 2, [("modern", (16, 32), "six")])
+    data = comm.load_commbench(tmp_path)
+    assert data["failed"].endswith("connection refused") and data["log"] == "commbench.log"
+    row = {"status": "ok", "run_id": "r", "world_size": 1, "device_type": "cpu", "engine": "ddp",
+           "step_ms_p50": 10.0, "throughput_img_s": 100.0, "batch_size": 1}
+    text = report_section([row], tmp_path, tmp_path)
+    assert "could not be measured" in text and "connection refused" in text
+    assert "commbench.log" in text and not (tmp_path / "scaling_model.png").exists()

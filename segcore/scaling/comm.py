@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -40,6 +41,7 @@ DDP_BUCKET_BYTES = 25 << 20
 KIB = 1 << 10
 MIB = 1 << 20
 COMMBENCH_FILE = "commbench.json"
+COMMBENCH_LOG = "commbench.log"
 
 
 # --------------------------------------------------------------------------- the ring model
@@ -392,8 +394,30 @@ def _device_name(device) -> str:
     return cpu_model()
 
 
+# A worker's rendezvous and each collective get this long: on loopback the whole
+# benchmark takes seconds, so a peer that has not answered by then is not coming.
+WORKER_TIMEOUT_S = 30.0
+
+
+class CommbenchError(RuntimeError):
+    """The communication benchmark could not run; the message is one line, and the
+    workers' own output (C++ stack traces included) is in the log file it names."""
+
+
 def _spawn_worker(rank: int, world: int, port: int, backend: str, threads: int,
-                  out_path: str, kwargs: dict[str, Any], timeout_s: float) -> None:
+                  out_path: str, kwargs: dict[str, Any], timeout_s: float,
+                  log_path: str | None) -> None:
+    # A clean distributed environment: under torchrun (or the DeepSpeed launcher) this
+    # process inherited the launcher's rendezvous variables, with which torch would join
+    # the launcher's store instead of the one at `port`.
+    from segcore.host import scrub_launcher_env
+
+    scrub_launcher_env()
+    if log_path:  # the workers' console (C++ warnings and stack traces) goes to the log
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     import torch
     import torch.distributed as dist
 
@@ -420,17 +444,32 @@ def _spawn_worker(rank: int, world: int, port: int, backend: str, threads: int,
     os._exit(0)
 
 
-def spawn_commbench(workers: int, timeout_s: float = 180.0, **kwargs: Any) -> dict[str, Any]:
-    """:func:`run_commbench` on ``workers`` fresh local processes (from a plain process).
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return lines[-1] if lines else str(text)
+
+
+def spawn_commbench(workers: int, timeout_s: float = 180.0, log_path: str | os.PathLike |
+                    None = None, worker_timeout_s: float = WORKER_TIMEOUT_S,
+                    **kwargs: Any) -> dict[str, Any]:
+    """:func:`run_commbench` on ``workers`` fresh local processes (from a plain process,
+    or from a process that a launcher started: its rendezvous variables are dropped).
 
     One GPU per worker with NCCL when there are enough GPUs, else CPU processes with gloo
     (each with cores / workers threads). ``kwargs`` go to :func:`run_commbench`.
 
+    Args:
+        timeout_s: the whole benchmark's deadline.
+        log_path: the workers' stdout and stderr go here (appended), not to the console.
+        worker_timeout_s: each worker's rendezvous and collective timeout.
+
     Raises:
-        RuntimeError: a worker failed, or the benchmark ran past ``timeout_s``.
+        CommbenchError: a worker failed (one line: its exception or exit), or the
+            benchmark ran past ``timeout_s``.
     """
     import torch
     import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
 
     from segcore.dist import free_port
     from segcore.host import usable_cores
@@ -440,26 +479,43 @@ def spawn_commbench(workers: int, timeout_s: float = 180.0, **kwargs: Any) -> di
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if gpus >= workers else "gloo"
     threads = max(1, usable_cores() // workers)
+    see_log = f" (workers' output: {log_path})" if log_path else ""
     with tempfile.TemporaryDirectory(prefix="commbench-") as tmp:
         out = os.path.join(tmp, "result.json")
         ctx = mp.start_processes(_spawn_worker, nprocs=workers, join=False,
                                  start_method="spawn",
                                  args=(workers, free_port(), backend, threads, out,
-                                       dict(kwargs), timeout_s))
+                                       dict(kwargs), min(timeout_s, worker_timeout_s),
+                                       None if log_path is None else str(log_path)))
         deadline = time.monotonic() + timeout_s
         try:
             while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the communication benchmark ran past {timeout_s:.0f} s "
-                                       "and was stopped; pass a longer timeout or fewer "
-                                       "sizes / repeats")
-        except mp.ProcessException as e:
-            raise RuntimeError(f"a communication benchmark worker failed: {e}") from e
+                    raise CommbenchError(f"the communication benchmark ran past "
+                                         f"{timeout_s:.0f} s and was stopped{see_log}")
+        except ProcessRaisedException as e:
+            # Its message is the worker's whole traceback: the last line names the error,
+            # the whole of it goes to the log.
+            if log_path:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(e.msg + "\n")
+            raise CommbenchError(f"worker {e.error_index}: {_last_line(e.msg)}{see_log}") \
+                from None
+        except ProcessException as e:  # exited with a code or a signal, no exception
+            raise CommbenchError(f"{_last_line(str(e))}{see_log}") from None
         finally:
-            for proc in ctx.processes:
-                if proc.is_alive():
-                    proc.terminate()
-                    proc.join(5)
+            # torch logs a warning per worker it terminates after a failure: the one
+            # line above says it all.
+            spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+            level = spawn_log.level
+            spawn_log.setLevel(logging.ERROR)
+            try:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.terminate()
+                        proc.join(5)
+            finally:
+                spawn_log.setLevel(level)
         return json.loads(Path(out).read_text())
 
 
@@ -508,6 +564,10 @@ def commbench_for_sweep(out_dir: str | os.PathLike, workers: int,
 
     Returns:
         the path written.
+
+    Raises:
+        CommbenchError: the benchmark failed; ``commbench.json`` then says why (key
+            ``failed``), so the report can, and a resumed sweep measures again.
     """
     from segcore.io import write_json_atomic
 
@@ -521,14 +581,21 @@ def commbench_for_sweep(out_dir: str | os.PathLike, workers: int,
     buckets = sorted({b for m in described for b in m["ddp_buckets"]})
     # The fit needs a range around the buckets, not far beyond: it keeps the run short.
     largest = min(64 * MIB, max([4 * MIB] + [2 * b for b in buckets]))
-    result = spawn_commbench(workers, timeout_s=timeout_s, sizes=default_sizes(largest),
-                             bucket_bytes=buckets, repeats=repeats)
+    try:
+        result = spawn_commbench(workers, timeout_s=timeout_s, sizes=default_sizes(largest),
+                                 bucket_bytes=buckets, repeats=repeats,
+                                 log_path=Path(out_dir) / COMMBENCH_LOG)
+    except CommbenchError as e:
+        write_json_atomic(path, {"failed": str(e), "log": COMMBENCH_LOG,
+                                 "models": described})
+        raise
     write_json_atomic(path, stamp(result, described))
     return path
 
 
 def load_commbench(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``commbench.json`` (a folder holding one, or the file)."""
+    """Read a ``commbench.json`` (a folder holding one, or the file): a measurement
+    (``collectives``), or why there is none (``skipped``, ``failed``)."""
     p = Path(path)
     if p.is_dir():
         p = p / COMMBENCH_FILE
@@ -536,7 +603,7 @@ def load_commbench(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{p} does not exist; measure it with: python "
                                 "launch/commbench.py --workers 2 --out <folder>")
     data = json.loads(p.read_text())
-    if "collectives" not in data and "skipped" not in data:
+    if not {"collectives", "skipped", "failed"} & set(data):
         raise ValueError(f"{p} is not a commbench result (no 'collectives')")
     return data
 

@@ -50,15 +50,11 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
             comm = load_commbench(comm)
         except FileNotFoundError:
             comm = None  # a sweep that did not measure: the section says how to
+    if comm is None or "collectives" not in comm:
+        return "\n".join(lines + [_not_measured(comm), ""])
     if not ok:
         return "\n".join(lines + ["No usable rows (ok, with step times): nothing to model.",
                                   ""])
-    if comm is None or "collectives" not in comm:
-        why = "not measured" if comm is None else comm.get("skipped", "not measured")
-        lines += [f"Communication was {why} for this sweep, so the model has no interconnect "
-                  "to calibrate on; measure it with `python launch/commbench.py --workers N "
-                  "--out <this folder>`.", ""]
-        return "\n".join(lines)
     net = Interconnect.from_commbench(comm)
     workloads, fit = calibrate(ok, net, describe)
     lines += ["### Interconnect", "",
@@ -113,6 +109,20 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
     lines += [f"- {a}" for a in ASSUMPTIONS]
     lines += ["", memory.report_section(ok, describe=describe)]
     return "\n".join(lines)
+
+
+def _not_measured(comm: Mapping[str, Any] | None) -> str:
+    """Why the section has no model: the interconnect was not measured, or failed."""
+    how = ("so the model has no interconnect to calibrate on and draws no prediction; "
+           "measure it with `python launch/commbench.py --workers N --out <this folder>` "
+           "(or `--resume` the sweep)")
+    if comm is None:
+        return f"The interconnect was not measured for this sweep, {how}."
+    if "failed" in comm:
+        log = f" (workers' output: `{comm['log']}`)" if comm.get("log") else ""
+        return (f"The interconnect could not be measured for this sweep: {comm['failed']}"
+                f"{log}; {how}.")
+    return f"The interconnect was not measured for this sweep ({comm.get('skipped')}), {how}."
 
 
 def _effs(w: Workload, pattern: str, net: Interconnect, hidden: float) -> list[str | None]:

@@ -205,20 +205,27 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
 
 def _measure_interconnect(out_dir: Path, spec: SweepSpec, jobs: list[Job], log: Log) -> None:
     """commbench.json once per sweep folder (a few seconds): the scaling model's
-    interconnect. Telemetry: a failure is a warning, never a lost sweep."""
-    from segcore.scaling.comm import COMMBENCH_FILE, commbench_for_sweep
+    interconnect. Telemetry: a failure is one warning line, never a lost sweep; the file
+    then says why, and a resumed sweep measures again."""
+    from segcore.scaling.comm import (COMMBENCH_FILE, CommbenchError, commbench_for_sweep,
+                                      load_commbench)
 
-    if (out_dir / COMMBENCH_FILE).exists():
-        return
+    path = out_dir / COMMBENCH_FILE
+    if path.exists():
+        try:
+            if "failed" not in load_commbench(path):
+                return
+        except (OSError, ValueError):
+            pass  # unreadable: measure again
     log(f"measuring the interconnect: collectives over {max(spec.workers)} worker(s) "
         f"(a few seconds) -> {COMMBENCH_FILE}")
     try:
         commbench_for_sweep(out_dir, max(spec.workers),
                             [(j.config.model.arch, j.config.model.widths,
                               j.config.data.class_scheme) for j in jobs])
-    except Exception as e:
-        log(f"warning: interconnect not measured ({type(e).__name__}: {e}); the report's "
-            "scaling model will say so")
+    except (CommbenchError, OSError, ValueError) as e:
+        log(f"warning: interconnect not measured ({e}); the sweep goes on, and the "
+            "report's scaling model says so")
 
 
 def _resume_command(argv: list[str], out_dir: Path) -> str:

@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from segcore.config import ConfigError
+from segcore.host import is_launcher_var
 from segcore.sweep.grid import Job
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "train.py"
 
-# Variables a parent torchrun (or Slurm/torchelastic) sets that must not leak into a
-# child job, or the child would try to join the parent's rendezvous.
-SCRUB_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-             "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
-             "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-             "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
-             "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-             "OMP_NUM_THREADS")
+# A parent launcher's variables (torchrun, DeepSpeed, ...: segcore.host.LAUNCHER_ENV) must
+# not leak into a child job, or the child would try to join the parent's rendezvous; the
+# parent's thread count is not the job's either.
+SCRUB_ENV = ("OMP_NUM_THREADS",)
 
 
 def config_path(out_dir: Path, run_id: str) -> Path:
@@ -57,7 +54,8 @@ def job_command(job: Job, out_dir: Path, sweep_id: str, nnodes: int = 1,
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The parent's environment without torchrun/elastic variables (plus ``extra``)."""
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB_ENV}
+    env = {k: v for k, v in os.environ.items()
+           if k not in SCRUB_ENV and not is_launcher_var(k)}
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["SEGBENCH_DIE_WITH_PARENT"] = "1"
     env.update(extra or {})
