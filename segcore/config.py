@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# ConfigError, ENGINES and LOADERS are read from here too; their homes are these modules.
+from segcore.errors import ConfigError
+from segcore.registry import ENGINES, LOADERS, engine_spec, loader_spec
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -23,19 +27,13 @@ ARCHS = ("paper", "modern")
 NORMS = ("batch", "group", "none")
 SCHEMES = ("binary", "six", "full", "unlabeled-binary", "map")  # map: data.class_map
 PRED_THRESHOLDS = ("fixed", "median", "mean")
-LOADERS = ("torch", "dali", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
-ENGINES = ("single", "ddp", "deepspeed", "fsdp")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine")
 LOSSES = ("ce", "ce+dice")
 MONITORS = ("val_loss", "mIoU")
 MODES = ("throughput", "accuracy", "both")
 LR_SCALINGS = ("linear", "sqrt", "none")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
@@ -59,6 +57,14 @@ def _fraction(section: str, name: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)
             and 0.0 <= value <= 1.0):
         raise ConfigError(f"{section}.{name} = {value!r} must be a number from 0 to 1")
+
+
+def _staged_engines() -> list[str]:
+    return [n for n in ENGINES if engine_spec(n).staged]
+
+
+def _group_engines() -> list[str]:
+    return [n for n in ENGINES if not engine_spec(n).single_process]
 
 
 def widths_for_depth(depth: int, base: int = 16) -> tuple[int, ...]:
@@ -294,12 +300,14 @@ class TrainConfig:
         _choice("train", "engine", self.engine, ENGINES)
         _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice("train", "monitor", self.monitor, MONITORS)
-        if self.engine != "deepspeed" and self.zero_stage != 0:
+        spec = engine_spec(self.engine)
+        if not spec.staged and self.zero_stage != 0:
             raise ConfigError(f"train.zero_stage = {self.zero_stage} only applies to "
-                              "--engine deepspeed")
-        if self.engine == "single" and self.world_size > 1:
-            raise ConfigError(f"train.engine = 'single' runs one process, but world_size is "
-                              f"{self.world_size}; use --engine ddp, deepspeed or fsdp")
+                              f"--engine {', '.join(_staged_engines())}")
+        if spec.single_process and self.world_size > 1:
+            raise ConfigError(f"train.engine = {self.engine!r} runs one process, but "
+                              f"world_size is {self.world_size}; use --engine "
+                              f"{', '.join(_group_engines())}")
 
     @property
     def per_worker_batch(self) -> int:
@@ -433,12 +441,13 @@ def resolve(cfg: RunConfig, world_size: int) -> tuple[RunConfig, list[str]]:
                               f"grad_accum {t['grad_accum']} = {g}; set --strong-scaling to "
                               "fix the global batch, or drop global_batch_size")
         t["global_batch_size"] = g
-    if t["engine"] == "single" and world_size > 1:
-        raise ConfigError(f"--engine single runs one process, not {world_size}; use ddp, "
-                          "deepspeed or fsdp")
-    if d["data"]["loader"] == "synthetic" and d["mode"] != "throughput":
-        notes.append(f"loader 'synthetic' feeds random tensors: accuracy cannot be measured, "
-                     f"so mode {d['mode']!r} becomes 'throughput'")
+    if engine_spec(t["engine"]).single_process and world_size > 1:
+        raise ConfigError(f"--engine {t['engine']} runs one process, not {world_size}; use "
+                          f"{', '.join(_group_engines())}")
+    loader = loader_spec(d["data"]["loader"])
+    if not loader.measures_accuracy and d["mode"] != "throughput":
+        notes.append(f"loader {loader.name!r} feeds random tensors: accuracy cannot be "
+                     f"measured, so mode {d['mode']!r} becomes 'throughput'")
         d["mode"] = "throughput"
     return RunConfig.from_dict(d), notes
 

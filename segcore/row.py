@@ -9,9 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from segcore.config import RunConfig
-
-# Engines that train in NCHW whatever was asked (their ``channels_last`` attribute is False).
-NCHW_ENGINES = ("deepspeed",)
+from segcore.registry import engine_spec
 
 
 def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
@@ -33,7 +31,7 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
     return {
         "engine": t.engine, "zero_stage": t.zero_stage, "loader": d.loader,
         "precision": t.precision, "compile": m.compile,
-        # What runs: DeepSpeed keeps weights and inputs NCHW (DeepSpeedEngine).
+        # What runs: some engines keep weights and inputs NCHW (registry.trains_nchw).
         "channels_last": row_channels_last(cfg),
         "channels_last_requested": m.channels_last,
         "world_size": t.world_size, "nnodes": nnodes, "device_type": device_type,
@@ -50,4 +48,4 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
 
 def row_channels_last(cfg: RunConfig) -> bool:
     """The memory format a configuration trains in, as its rows record it."""
-    return cfg.model.channels_last and cfg.train.engine not in NCHW_ENGINES
+    return cfg.model.channels_last and not engine_spec(cfg.train.engine).trains_nchw

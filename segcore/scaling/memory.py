@@ -37,25 +37,15 @@ import math
 import statistics
 from typing import Any, Callable, Mapping, Sequence
 
+from segcore.registry import MEMORY_KIND_LABELS, MEMORY_KINDS as ENGINES
+from segcore.registry import memory_kind as engine_kind
+
 GIB = float(1 << 30)
 MIB = float(1 << 20)
 GPU_SIZES_GB = (24, 40, 80, 141)
 USABLE_FRACTION = 0.92  # CUDA context, allocator fragmentation, NCCL buffers
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}
-ENGINES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 DS_REDUCE_BUCKET_BYTES = 5e8 * 4  # DeepSpeed reduce_bucket_size default, fp32
-
-
-def engine_kind(engine: str, zero_stage: int = 0) -> str:
-    """``ddp``, ``zero1``..``zero3`` or ``fsdp`` (single and ZeRO-0 hold what DDP holds)."""
-    if engine in ("single", "ddp") or (engine == "deepspeed" and int(zero_stage or 0) == 0):
-        return "ddp"
-    if engine == "deepspeed":
-        return f"zero{int(zero_stage)}"
-    if engine == "fsdp":
-        return "fsdp"
-    raise ValueError(f"engine {engine!r} is unknown to the memory model; known: single, ddp, "
-                     "deepspeed (ZeRO 0-3), fsdp")
 
 
 def state_bytes(params: int, kind: str, workers: int = 1, optimizer: str = "adamw",
@@ -352,8 +342,6 @@ def largest_model(kind: str, batch: int, gpu_gb: float, workers: int = 8,
 # --------------------------------------------------------------------------- report
 
 
-_KIND_NAMES = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
-               "fsdp": "FSDP2"}
 
 
 def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None = None,
@@ -371,7 +359,7 @@ def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None 
             ["run", "engine", "workers", "batch", "state (MiB)", "step (MiB)",
              "predicted (MiB)", "measured (MiB)", "measured as", "error"],
             [[x["row"].get("run_id"),
-              _KIND_NAMES[engine_kind(str(x["row"].get("engine")),
+              MEMORY_KIND_LABELS[engine_kind(str(x["row"].get("engine")),
                                       int(_num(x["row"].get("zero_stage")) or 0))],
               int(_num(x["row"]["world_size"])), int(_num(x["row"]["batch_size"])),
               f"{x['pred']['total'] / MIB:.1f}", f"{x['pred']['activations'] / MIB:.1f}",
@@ -394,7 +382,7 @@ def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None 
     table = capacity_table(image_size=image_size, workers=workers, kinds=kinds)
     lines += [f"Largest per-GPU batch the model predicts at {image_size}x{image_size}, bf16, "
               f"AdamW, {workers} workers, {USABLE_FRACTION:.0%} of the GPU usable; each cell "
-              f"{' / '.join(_KIND_NAMES[k] for k in kinds)}:", "",
+              f"{' / '.join(MEMORY_KIND_LABELS[k] for k in kinds)}:", "",
               markdown_table(["U-Net widths", "params", "step MiB / image (fp32)"]
                              + [f"{gb} GB" for gb in GPU_SIZES_GB],
                              [[r["widths"], f"{r['params'] / 1e6:.1f} M",
@@ -402,7 +390,7 @@ def report_section(rows: Sequence[Mapping[str, Any]], describe: Describe | None 
                               + [" / ".join(str(r["max_batch"][(k, gb)]) for k in kinds)
                                  for gb in GPU_SIZES_GB] for r in table],
                              ["l", "r", "r"] + ["r"] * len(GPU_SIZES_GB))]
-    biggest = [[_KIND_NAMES[k]] + [_fmt_largest(largest_model(k, 8, gb, workers, image_size))
+    biggest = [[MEMORY_KIND_LABELS[k]] + [_fmt_largest(largest_model(k, 8, gb, workers, image_size))
                                    for gb in GPU_SIZES_GB] for k in ("ddp", "fsdp")]
     lines += [f"Widest depth-5 U-Net (widths doubling from the base) that fits a batch of 8 "
               f"per GPU at {image_size}x{image_size}, bf16, {workers} workers (base width, "

@@ -35,9 +35,9 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from segcore.registry import COMM_PATTERNS as PATTERNS, comm_pattern, engine_spec
 from segcore.scaling.comm import COLLECTIVES, collective_time
 
-PATTERNS = ("none", "allreduce", "zero12", "sharded")
 SHARDED_OPTIMIZER = ("zero12", "sharded")
 BACKWARD_SHARE = 2.0 / 3.0  # backward ~ 2x forward: its share of forward + backward
 WORKERS = tuple(2 ** k for k in range(11))  # 1 .. 1,024
@@ -45,23 +45,9 @@ REPORT_WORKERS = (1, 2, 8, 64, 256, 1024)
 DEFAULT_HIDDEN = 0.0  # no overlap: what we assume when no measurement constrains h
 
 
-def comm_pattern(engine: str, zero_stage: int = 0) -> str:
-    """What an engine sends per step: ``none`` (single), ``allreduce`` (DDP, ZeRO-0),
-    ``zero12`` (ZeRO-1/2), ``sharded`` (ZeRO-3, FSDP2)."""
-    if engine == "single":
-        return "none"
-    if engine == "ddp":
-        return "allreduce"
-    if engine == "fsdp":
-        return "sharded"
-    if engine == "deepspeed":
-        return {0: "allreduce", 1: "zero12", 2: "zero12", 3: "sharded"}[int(zero_stage or 0)]
-    raise ValueError(f"engine {engine!r} is unknown to the scaling model; known: single, "
-                     "ddp, deepspeed (ZeRO 0-3), fsdp")
-
-
 def engine_label(engine: str, zero_stage: int = 0) -> str:
-    return f"deepspeed:{int(zero_stage or 0)}" if engine == "deepspeed" else engine
+    """How ``--engines`` writes it (``ddp``, ``deepspeed:2``)."""
+    return engine_spec(engine).axis_value(zero_stage)
 
 
 # --------------------------------------------------------------------------- interconnect

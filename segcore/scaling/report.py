@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from segcore.registry import COMM_PATTERN_LABELS
 from segcore.scaling.model import (ASSUMPTIONS, Describe, HiddenFit, Interconnect, Link, PATTERNS, PUBLISHED,
                                    Published, REPORT_WORKERS, WHAT_IF, WORKERS, Workload, _num, _truthy, calibrate,
                                    comm_pattern, comm_times, describe_row, family_key, fit_hidden, leave_one_out,
@@ -133,13 +134,12 @@ def _effs(w: Workload, pattern: str, net: Interconnect, hidden: float) -> list[s
 def _patterns_for(engine: str, stage: int) -> list[str]:
     """The measured engine's own pattern first, then the others the user could choose."""
     own = comm_pattern(engine, stage)
-    return [own] + [p for p in ("allreduce", "zero12", "sharded") if p != own and own != "none"] \
-        if own != "none" else ["allreduce", "zero12", "sharded"]
+    others = [p for p in PATTERNS if p != "none"]
+    return [own] + [p for p in others if p != own] if own != "none" else others
 
 
 def _pattern_name(pattern: str) -> str:
-    return {"none": "single", "allreduce": "DDP", "zero12": "ZeRO-1/2",
-            "sharded": "ZeRO-3 / FSDP2"}[pattern]
+    return COMM_PATTERN_LABELS[pattern]
 
 
 def _f(v: Any, spec: str, suffix: str = "") -> str | None:

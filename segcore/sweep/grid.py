@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from segcore.config import ConfigError, RunConfig, resolve, widths_for_depth
+from segcore.registry import engine_spec, parse_engine_axis
 
 
 @dataclass(frozen=True)
@@ -68,21 +69,12 @@ class SweepSpec:
         return dataclasses.asdict(self)
 
 
-ENGINE_CHOICES = "ddp, single, fsdp, deepspeed:0, deepspeed:1, deepspeed:2 or deepspeed:3"
-
-
-def parse_engine(spec: str) -> tuple[str, int]:
-    """``ddp`` -> ("ddp", 0); ``deepspeed:2`` -> ("deepspeed", 2)."""
-    name, _, stage = spec.partition(":")
-    if name not in ("ddp", "deepspeed", "single", "fsdp"):
-        raise ConfigError(f"--engines: {spec!r} is not an engine; use {ENGINE_CHOICES}")
-    if name != "deepspeed":
-        if stage:
-            raise ConfigError(f"--engines: {spec!r}: only deepspeed takes a ZeRO stage")
-        return name, 0
-    if stage not in ("", "0", "1", "2", "3"):
-        raise ConfigError(f"--engines: {spec!r}: the ZeRO stage must be 0, 1, 2 or 3")
-    return name, int(stage or 0)
+def parse_engine(value: str) -> tuple[str, int]:
+    """``ddp`` -> ("ddp", 0); ``deepspeed:2`` -> ("deepspeed", 2) (the registry's rule)."""
+    try:
+        return parse_engine_axis(value)
+    except ConfigError as e:
+        raise ConfigError(f"--engines: {e}") from None
 
 
 # What each preset sets, so that a preset never silently overrides a flag the user gave.
@@ -173,9 +165,9 @@ def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> 
         name, stage = parse_engine(engine)
         for workers in sorted(spec.workers):
             world = workers * spec.nnodes
-            if name == "single" and world > 1:
-                continue  # the single engine is the 1-process baseline only
-            eng = name if name != "deepspeed" else f"ds{stage}"
+            if engine_spec(name).single_process and world > 1:
+                continue  # a single-process engine is the 1-worker baseline only
+            eng = engine_spec(name).run_id_part(stage)
             if row.get("name"):  # a named session: its name, and what the grid varies
                 varied = [(eng, spec.engines), (loader, spec.loaders),
                           (prec, spec.precisions), ("cl" if cl else "nchw",

@@ -14,7 +14,9 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from segcore.errors import ConfigError
 from segcore.host import hardware_tag
+from segcore.registry import engine_spec
 from segcore.sweep.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
                                     read_env)
 
@@ -43,8 +45,10 @@ def piece(col: str, v: Any, key: dict[str, Any]) -> str:
     if v is None:
         return f"{col} ?"
     if col == "engine":
-        z = key.get("zero_stage")
-        return f"deepspeed ZeRO-{z}" if v == "deepspeed" and z is not None else str(v)
+        try:
+            return engine_spec(v).label(key.get("zero_stage"))
+        except ConfigError:
+            return str(v)  # an engine this version does not know (an older folder)
     if col == "zero_stage":
         return f"ZeRO-{v}"
     if col == "batch_size":

@@ -22,6 +22,7 @@ from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.model import build_model, check_input_size, valid_side_at_most
+from segcore.registry import engine_spec
 from segcore.row import config_columns, row_channels_last
 from segcore.train.engines import build_engine
 from segcore.train.trainer import Trainer, TrainResult
@@ -275,7 +276,7 @@ def run(cfg: RunConfig, log: Log = print,
 
     started_at = _utc_now()
     ctx = init_distributed(cfg.train.timeout_s, cfg.train.threads,
-                           need_group=cfg.train.engine != "single")
+                           need_group=engine_spec(cfg.train.engine).needs_group)
     try:
         say: Log = log if ctx.is_primary else (lambda _m: None)
         if cfg.train.world_size > 1 and cfg.train.world_size != ctx.world_size:
@@ -334,7 +335,7 @@ def run(cfg: RunConfig, log: Log = print,
         trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
                           checkpoint_path=out / "checkpoint.pt", class_weights=weights)
         if row_channels_last(cfg) != trainer.channels_last:  # rows must say what runs
-            raise RuntimeError(f"segcore.row.NCHW_ENGINES disagrees with engine "
+            raise RuntimeError(f"segcore.registry's trains_nchw disagrees with engine "
                                f"{cfg.train.engine!r} about the memory format it trains in")
         if resume_state is not None:
             trainer.resume(resume_state)

@@ -1,4 +1,5 @@
-"""Training engines selected by name: ``single``, ``ddp``, ``deepspeed``, ``fsdp``."""
+"""Training engines selected by name (``segcore.registry.ENGINE_SPECS``: ``single``,
+``ddp``, ``deepspeed``, ``fsdp``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from segcore.config import ConfigError, TrainConfig
+from segcore.registry import engine_spec
 from segcore.train.engines.base import Engine
 from segcore.train.engines.sync_bn import convert_sync_batchnorm, has_batchnorm
 
@@ -23,7 +25,7 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
     one-time notices (DeepSpeed compiling its CPU op).
     """
     if cfg.sync_bn:
-        if cfg.engine == "single":
+        if engine_spec(cfg.engine).single_process:
             raise ConfigError("--sync-bn synchronizes BatchNorm across workers: use it "
                               "with --engine ddp or deepspeed, or drop it")
         bare = getattr(model, "_orig_mod", model)  # under torch.compile
@@ -31,21 +33,13 @@ def build_engine(model: nn.Module, cfg: TrainConfig, device: torch.device,
             raise ConfigError("--sync-bn: the model has no BatchNorm layer (only "
                               "--arch modern --norm batch has one); drop --sync-bn")
         convert_sync_batchnorm(bare, device)  # in place: the layers are children
-    if cfg.engine == "single":
-        return Engine(model, cfg, device, total_steps)
-    if cfg.engine == "ddp":
-        if not distributed:
-            # A 1-process group is created by the launcher for plain runs (see
-            # launch/train.py), so reaching here means init failed upstream.
-            raise RuntimeError("engine 'ddp' needs a process group: start the run under "
-                               "torchrun, or use --engine single")
-        from segcore.train.engines.ddp import DDPEngine
-        return DDPEngine(model, cfg, device, total_steps)
-    if cfg.engine == "fsdp":
-        from segcore.train.engines.fsdp import FSDPEngine
-        return FSDPEngine(model, cfg, device, total_steps)  # raises without a group
-    from segcore.train.engines.deepspeed import DeepSpeedEngine
-    return DeepSpeedEngine(model, cfg, device, total_steps, log=log)
+    spec = engine_spec(cfg.engine)
+    if spec.needs_group and not distributed:
+        # run() creates a 1-process group for a plain process when the registry says the
+        # engine needs one, so reaching here means init failed upstream.
+        raise RuntimeError(f"engine {spec.name!r} needs a process group: start the run "
+                           "under torchrun, or use --engine single")
+    return spec.load()(model, cfg, device, total_steps, log=log)
 
 
 __all__ = ["Engine", "build_engine"]

@@ -64,12 +64,13 @@ class Engine:
         cfg: optimizer, schedule and precision settings.
         device: the training device.
         total_steps: optimizer steps planned (for the LR schedule).
+        log: one-time notices (every engine takes it; DeepSpeed uses it).
     """
 
     name = "single"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 total_steps: int) -> None:
+                 total_steps: int, log: Callable[[str], None] | None = None) -> None:
         # The bare module (unwrapped from torch.compile) owns the state dict; calls go
         # through ``self.model`` (compiled and/or wrapped).
         self.module = getattr(model, "_orig_mod", model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,7 +23,7 @@ class DDPEngine(Engine):
     name = "ddp"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 total_steps: int) -> None:
+                 total_steps: int, log: Callable[[str], None] | None = None) -> None:
         super().__init__(model, cfg, device, total_steps)
         ids = [device.index] if device.type == "cuda" else None
         self.model = DDP(model, device_ids=ids, gradient_as_bucket_view=True,

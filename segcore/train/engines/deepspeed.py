@@ -33,6 +33,7 @@ from torch import nn
 
 from segcore.config import ConfigError, TrainConfig
 from segcore.dist import gather_objects
+from segcore.precision import DTYPES
 from segcore.train.engines.base import Engine, make_optimizer, make_schedule
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory collectives (a C++ op)
@@ -176,7 +177,7 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed casts the weights for bf16/fp16; inputs must follow, and so must
         # BatchNorm's running statistics (buffers, which DeepSpeed leaves in fp32: batch
         # norm then fails with "expected scalar type BFloat16 but found Float").
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.input_dtype = None if cfg.precision == "fp32" else DTYPES[cfg.precision]
         if self.input_dtype is not None:
             for m in self.module.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -22,12 +22,13 @@ by parameter name, so they load into any engine and into prediction.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from segcore.config import TrainConfig
+from segcore.precision import DTYPES
 from segcore.train.engines.base import Engine
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -54,7 +55,7 @@ def mixed_precision_policies(precision: str):
     if precision == "fp32":
         plain = MixedPrecisionPolicy()
         return plain, plain, plain
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    low = DTYPES[precision]
     block = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
     norm = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     root = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32,
@@ -76,7 +77,7 @@ class FSDPEngine(Engine):
     name = "fsdp"
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device,
-                 total_steps: int) -> None:
+                 total_steps: int, log: Callable[[str], None] | None = None) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
