@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     from segcore.io import write_json_atomic
-    from segcore.sweep.report import markdown_table
+    from segcore.results.report import markdown_table
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
     python launch/plot.py results/a100-sweep results/h100-sweep --out compare/
 
 One folder: re-analyses runs.jsonl (speedup, confidence flags, best configurations:
-segcore/sweep/analysis.py) and rewrites <folder>/plots/*.png and <folder>/report.md
+segcore/results/analysis.py) and rewrites <folder>/plots/*.png and <folder>/report.md
 (runs.jsonl and runs.csv are only read). Several folders: writes the comparison
 figures (one colour per folder) and compare.md into --out (default ./compare). Either
 way it prints one summary line per folder (runs ok, low-confidence runs by flag, the
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (f / "runs.jsonl").is_file():
             print(f"error: {f} has no runs.jsonl: not a results folder", file=sys.stderr)
             return 2
-    from segcore.sweep import report
+    from segcore.results import report
 
     if len(folders) == 1:
         path = report.write_report(folders[0], out=a.out)
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(folder: Path) -> str:
     """One line per folder: runs, low-confidence runs by flag, the best throughput."""
-    from segcore.sweep import analysis
+    from segcore.results import analysis
     from segcore.fmt import fmt
-    from segcore.sweep.rows import read_rows
+    from segcore.results.rows import read_rows
 
     d = analysis.frame(read_rows(folder))
     ok = d[d["ok"]]

@@ -1,4 +1,4 @@
-"""Tests of segcore.sweep.analysis: every derived column and flag on hand-made tables."""
+"""Tests of segcore.results.analysis: every derived column and flag on hand-made tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segcore.sweep import analysis as A
+from segcore.results import analysis as A
 
 
 def row(run_id: str, **kw) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from segcore.dist import free_port
 from segcore.sweep.jobs import child_env
-from segcore.sweep.rows import read_records
+from segcore.results.rows import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tiny sizes; everything else as the README writes it.

@@ -17,7 +17,7 @@ import pytest
 
 from segcore.config import ConfigError
 from segcore.sweep.jobs import child_env
-from segcore.sweep.rows import read_records
+from segcore.results.rows import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = str(ROOT / "launch" / "sweep.py")
@@ -224,7 +224,8 @@ def test_sweep_out_is_a_file_and_resume_without_out(tmp_path, env):
 def test_full_disk_is_one_line_and_keeps_the_rows_written(tmp_path, monkeypatch):
     """ENOSPC while recording the second row: the first row stays, the error says how to
     continue, and no temp file is left behind."""
-    from segcore.sweep import driver, rows as rows_mod
+    from segcore.sweep import driver
+    from segcore.results import rows as rows_mod
     from segcore.sweep.grid import SweepSpec
 
     spec = SweepSpec(workers=[1], batch_sizes=[2, 4], depths=[2], engines=["ddp"],

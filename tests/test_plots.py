@@ -1,4 +1,4 @@
-"""Tests of segcore.sweep.plots, report and launch/plot.py on synthetic result tables and
+"""Tests of segcore.results.plots, report and launch/plot.py on synthetic result tables and
 on the committed results folders."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from segcore.io import write_json_atomic
-from segcore.sweep import analysis, labels, panels, plots, report
-from segcore.sweep.rows import append_row, read_rows, write_rows
+from segcore.results import analysis, labels, panels, plots, report
+from segcore.results.rows import append_row, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PNGS = [f"{n}.png" for n in plots.PLOT_NAMES]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from segcore.sweep.rows import RESULT_COLUMNS, append_row, read_rows
+from segcore.results.rows import RESULT_COLUMNS, append_row, read_rows
 from segcore.host import capture_env, hardware_tag
 from segcore.io import to_jsonable, write_json_atomic, write_text_atomic
 

@@ -13,7 +13,7 @@ from segcore.config import ConfigError
 from segcore.sweep.driver import check_resume_spec, writer_lock, FolderBusy, _record_start
 from segcore.sweep.grid import SweepSpec, expand, parse_engine, preset
 from segcore.sweep.jobs import (child_env, classify_failure, failure_row, job_command)
-from segcore.sweep.rows import read_records
+from segcore.results.rows import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = str(ROOT / "launch" / "sweep.py")
@@ -56,7 +56,7 @@ def test_every_job_config_is_resolved_in_the_driver():
 
 
 def test_failed_and_ok_rows_carry_the_same_configuration_columns():
-    from segcore.row import config_columns
+    from segcore.columns import config_columns
 
     for strong in (False, True):
         job = expand(spec(workers=[2], batch_sizes=[8], strong_scaling=strong))[0]

@@ -97,7 +97,7 @@ def check_resume_spec(out_dir: Path, spec: SweepSpec) -> str:
 
 
 def recorded_ids(out_dir: Path) -> set[str]:
-    from segcore.sweep.rows import read_records
+    from segcore.results.rows import read_records
 
     return {r.get("run_id") for r in read_records(out_dir)}
 
@@ -257,7 +257,7 @@ def _record_start(out_dir: Path, spec: SweepSpec, sweep_id: str, argv: list[str]
 
 def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
               done: set[str], lock_fd: int | None, is_writer: bool, log: Log) -> None:
-    from segcore.sweep.rows import append_row
+    from segcore.results.rows import append_row
 
     todo = [j for j in jobs if j.run_id not in done]
     if done:
@@ -336,8 +336,8 @@ def _job_row(job: Job, rc: int, timed_out: bool, run_dir: Path, log_path: Path,
 
 def finish(out_dir: Path, log: Log = print) -> None:
     """Derived columns (speedup, confidence flags), plots and report from the rows."""
-    from segcore.sweep import analysis, report
-    from segcore.sweep.rows import read_records, write_rows
+    from segcore.results import analysis, report
+    from segcore.results.rows import read_records, write_rows
 
     rows = read_records(out_dir)
     if not rows:

@@ -85,10 +85,10 @@ PRESET_FIELDS = {"paper": ("arch", "batch_sizes", "depths", "classes", "lr", "st
 def preset(name: str, epochs: int | None = None) -> dict[str, Any]:
     """Named grids. ``paper``: the reference study's nine named sessions (Tables 2 and 4)
     plus its 24-class and unlabeled-binary runs, each with its own lr, batch, widths,
-    epochs, augmentation and classes (:mod:`segcore.sweep.study`; ``epochs`` replaces
+    epochs, augmentation and classes (:mod:`segcore.results.study`; ``epochs`` replaces
     every session's for a short run). ``smoke``: one tiny configuration."""
     if name == "paper":
-        from segcore.sweep.study import preset_rows
+        from segcore.results.study import preset_rows
 
         return {"arch": "paper", "rows": preset_rows(epochs)}
     if name == "smoke":

@@ -146,7 +146,7 @@ def failure_row(job: Job, sweep_id: str, status: str, error: str, nnodes: int,
                 device_type: str, device_name: str) -> dict[str, Any]:
     """A results row for a job that died: the same configuration columns as an ok row
     (from the job's config), plus the status and the cause."""
-    from segcore.row import config_columns
+    from segcore.columns import config_columns
 
     row: dict[str, Any] = {"sweep_id": sweep_id, "run_id": job.run_id, "status": status,
                            "error": error}

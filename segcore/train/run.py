@@ -23,7 +23,7 @@ from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.model import build_model, check_input_size, valid_side_at_most
 from segcore.registry import engine_spec
-from segcore.row import config_columns, row_channels_last
+from segcore.columns import config_columns, row_channels_last
 from segcore.train.engines import build_engine
 from segcore.train.trainer import Trainer, TrainResult
 
@@ -249,7 +249,7 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
                train_loss_last=float(np.mean(losses[-tail:])) if losses else None)
     sch = scheme_for(cfg.data)
     # The study's columns: F1 of the positive class (binary) or the macro F1, and the
-    # mean of the normalized confusion diagonal (segcore.sweep.study defines them).
+    # mean of the normalized confusion diagonal (segcore.results.study defines them).
     row["F1"] = m.get(f"Dice.{sch.names[1]}") if sch.is_binary else m.get("mDice")
     row["mConfDiag"] = m.get("mConfDiag")
     row["mAP"], row["mAUC"] = m.get("mAP"), m.get("mAUC")

@@ -2,7 +2,7 @@
 
 The report only writes: every derived number (speedup, efficiency, the hardware
 ceiling, CIs, low-confidence flags, best configurations, caveats) comes from
-:mod:`segcore.sweep.analysis`, re-derived from ``runs.jsonl`` and ``env.json``
+:mod:`segcore.results.analysis`, re-derived from ``runs.jsonl`` and ``env.json``
 whenever the report is written, so ``python launch/plot.py RESULTS_DIR`` redraws it
 from any results folder. Each caveat is printed beside the table it concerns. Tables
 are written by a small formatter of our own: pandas' ``to_markdown`` needs
@@ -21,11 +21,11 @@ import pandas as pd
 from segcore.host import hardware_tag
 from segcore.fmt import DASH, fmt, markdown_table, missing
 from segcore.io import write_text_atomic
-from segcore.sweep import analysis, plots
-from segcore.sweep.study import study_section
-from segcore.sweep.analysis import norm, read_env, sort_key, truthy
-from segcore.sweep.labels import describe_context, describe_rows, folder_labels
-from segcore.sweep.rows import read_rows
+from segcore.results import analysis, plots
+from segcore.results.study import study_section
+from segcore.results.analysis import norm, read_env, sort_key, truthy
+from segcore.results.labels import describe_context, describe_rows, folder_labels
+from segcore.results.rows import read_rows
 
 __all__ = ["markdown_table", "write_report", "write_compare"]
 
@@ -434,7 +434,7 @@ def _status_summary(d: pd.DataFrame) -> str:
 def _scaling_section(folder: Path, out: Path) -> list[str]:
     """The calibrated scaling and memory models (segcore.scaling.report)."""
     from segcore.scaling.report import report_section
-    from segcore.sweep.rows import read_records
+    from segcore.results.rows import read_records
 
     try:
         text = report_section(read_records(folder), folder / "commbench.json",

@@ -388,7 +388,7 @@ def annotate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     and ``flags`` replace it.
 
     Args:
-        rows: every row of a results folder (as :func:`segcore.sweep.rows.read_records`
+        rows: every row of a results folder (as :func:`segcore.results.rows.read_records`
             returns them), in table order.
 
     Returns:

@@ -5,7 +5,7 @@ A figure is one or more *groups* (:class:`Group`: panels sharing an x axis and a
 legend), each showing one or more *metrics* (:class:`Metric`: a column of panels) as
 :class:`Line` objects, one per configuration. :func:`encode` chooses which differing
 configuration values become panels (outermost first,
-:data:`segcore.sweep.labels.DIM_ORDER`), colours and line styles; :func:`render` draws
+:data:`segcore.results.labels.DIM_ORDER`), colours and line styles; :func:`render` draws
 and saves. Lines are drawn as the
 analysis gave them: a point resting on a low-confidence row is hollow, a bar spans the
 repeats and confidence intervals.
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
-from segcore.sweep.labels import default_label, describe_keys, dim_rank
+from segcore.results.labels import default_label, describe_keys, dim_rank
 
 __all__ = ["HOLLOW", "SOURCE", "Line", "Metric", "Group", "Encoding", "encode",
            "palette", "grid", "suptitle", "save", "render"]

@@ -46,7 +46,7 @@ ACCURACY_COLUMNS = (
     "mAcc",
 )
 # Beyond the design's list: repeat index and spread, finer timing, provenance, and the
-# judgements of segcore.sweep.analysis.annotate (low_confidence + flags replace the
+# judgements of segcore.results.analysis.annotate (low_confidence + flags replace the
 # former "noisy").
 EXTRA_COLUMNS = (
     "repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p50",

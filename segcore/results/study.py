@@ -102,7 +102,7 @@ def study_section(d, env: dict[str, Any]) -> list[str]:
     ours beside its published values. Empty when no row is a study session.
 
     Args:
-        d: the analysed frame (``segcore.sweep.analysis.frame``).
+        d: the analysed frame (``segcore.results.analysis.frame``).
         env: the folder's env.json.
     """
     if not len(d) or "run_id" not in d:
@@ -126,7 +126,7 @@ def study_section(d, env: dict[str, Any]) -> list[str]:
              "Dice, so its F1 and dice differ where ours can coincide); diag: mean of the "
              "row-normalized confusion diagonal; test loss: our validation cross-entropy "
              "(the study applied a softmax before it, so scales differ); time: training "
-             "seconds. Definitions: `segcore/sweep/study.py`.", ""]
+             "seconds. Definitions: `segcore/results/study.py`.", ""]
     titles = {"2": "Table 2: binary, paved-area vs rest (lr 1e-4, batch 8)",
               "4": "Table 4: multiclass (lr 1e-3, batch 16)",
               "24": "24 classes", "5.1": "Unlabeled binary (section 5.1)"}

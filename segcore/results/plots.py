@@ -1,11 +1,11 @@
 """Figures of a results table: scaling, throughput, memory, accuracy and its Pareto front.
 
 Figures only draw: every number they show comes from the analysed frame of
-:mod:`segcore.sweep.analysis` (speedup, efficiency, the hardware ceiling, confidence
+:mod:`segcore.results.analysis` (speedup, efficiency, the hardware ceiling, confidence
 intervals, low-confidence flags, the memory figure, the Pareto front). Only rows with
 status ok are drawn. Rows are grouped into *families* (configurations identical in
 everything but the axis a figure varies); one line per family, labelled only with the
-columns that differ between the families shown (:mod:`segcore.sweep.labels`). Repeats
+columns that differ between the families shown (:mod:`segcore.results.labels`). Repeats
 of one configuration are drawn as their median; the bar spans the repeats and, where
 recorded, the 95 % confidence intervals. A point that rests on a low-confidence row is
 drawn hollow.
@@ -33,13 +33,13 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from segcore.fmt import fmt
-from segcore.sweep import analysis
-from segcore.sweep.analysis import family_keys, norm, read_env, sort_key, truthy
-from segcore.sweep.labels import (describe_context, describe_keys, folder_labels, piece,
+from segcore.results import analysis
+from segcore.results.analysis import family_keys, norm, read_env, sort_key, truthy
+from segcore.results.labels import (describe_context, describe_keys, folder_labels, piece,
                                   seconds)
-from segcore.sweep.panels import (HOLLOW, Group, Line, Metric, grid, palette, render, save,
+from segcore.results.panels import (HOLLOW, Group, Line, Metric, grid, palette, render, save,
                                   suptitle)
-from segcore.sweep.rows import read_rows
+from segcore.results.rows import read_rows
 
 __all__ = [
     "PLOT_NAMES", "PLOT_TITLES", "PlotResult", "plot_speedup", "plot_efficiency",
@@ -577,7 +577,7 @@ def plot_all(df: pd.DataFrame, out: str | Path, context: str | None = None
              ) -> dict[str, PlotResult]:
     """Every figure of :data:`PLOT_NAMES` as ``out/<name>.png``.
 
-    Every derived number is read from :func:`segcore.sweep.analysis.frame` of ``df``
+    Every derived number is read from :func:`segcore.results.analysis.frame` of ``df``
     (computed here unless ``df`` is already analysed), so the figures follow the
     definitions whatever the table holds.
 

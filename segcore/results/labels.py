@@ -2,7 +2,7 @@
 
 A configuration is named by the values that differ between the rows shown (``"deepspeed
 ZeRO-2, bf16, batch 16, 4 workers"``), never by what every row shares. Figures map
-those differing values to panels, colours and line styles (:mod:`segcore.sweep.panels`),
+those differing values to panels, colours and line styles (:mod:`segcore.results.panels`),
 outermost dimension first (:data:`DIM_ORDER`). Also the one-line context under every
 figure title and the short names of results folders in a comparison.
 """
@@ -17,7 +17,7 @@ import pandas as pd
 from segcore.errors import ConfigError
 from segcore.host import hardware_tag
 from segcore.registry import engine_spec
-from segcore.sweep.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
+from segcore.results.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
                                     read_env)
 
 __all__ = ["DIM_ORDER", "piece", "describe_keys", "describe_rows", "default_label",
