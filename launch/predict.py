@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segcore.faults import is_oom  # noqa: E402
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         bars.close()
-        if _is_oom(e):
+        if is_oom(e):
             print(f"error: out of memory: {str(e).splitlines()[0] if str(e) else e}. Lower "
                   "--batch-size, --tile or --max-block-mb, or use --precision bf16",
                   file=sys.stderr, flush=True)
@@ -187,12 +189,6 @@ def tune_malloc(threshold: int = 192 << 20) -> bool:
                     and libc.mallopt(m_trim_threshold, threshold))
     except (OSError, AttributeError):  # musl or no libc symbol: keep the defaults
         return False
-
-
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segcore.cli import assignments, parse_assignment  # noqa: E402
 from segcore.config import ConfigError  # noqa: E402
+from segcore.registry import LOADERS, engine_axis_choices  # noqa: E402
+from segcore.sweep.driver import SweepInterrupted  # noqa: E402
 
 
 def int_list(flag: str):
@@ -72,9 +75,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=int_list("--depths"),
                    help="U-Net depths, widths doubling from 16 (default 3,4)")
     p.add_argument("--engines", type=_strs(None, "--engines"), default=["ddp"],
-                   help="ddp, single, fsdp, deepspeed:0..3 (default ddp)")
-    p.add_argument("--loaders", type=_strs(("torch", "dali", "synthetic"), "--loaders"),
-                   default=["torch"])
+                   help=f"{engine_axis_choices()} (default ddp)")
+    p.add_argument("--loaders", type=_strs(LOADERS, "--loaders"), default=["torch"],
+                   help=f"{', '.join(LOADERS)} (default torch)")
     p.add_argument("--precisions", type=_strs(("fp32", "bf16", "fp16"), "--precisions"),
                    default=["fp32"])
     p.add_argument("--channels-last", type=_bools, default=[True],
@@ -110,6 +113,15 @@ def parser() -> argparse.ArgumentParser:
                    help="continue the sweep in --out (default: the latest under "
                         "runs/sweeps): run only configurations not yet recorded")
     p.add_argument("--dry-run", action="store_true", help="print each job's command only")
+    p.add_argument("--set", dest="set_items", action="append", default=[],
+                   metavar="PATH=VALUE",
+                   help="any configuration field for every job, e.g. --set "
+                        "data.synthetic_images=40 (launch/train.py --help-config lists them)")
+    p.add_argument("--axis", dest="axis_items", action="append", default=[],
+                   metavar="PATH=V1,V2",
+                   help="any configuration field as one more axis of the grid, e.g. --axis "
+                        "train.weight_decay=0,1e-4 (rows record it as axis.<path>); repeat "
+                        "it for more axes")
     p.add_argument("--train-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="a launch/train.py flag for every job, e.g. "
                         "--train-arg=--synthetic-images=40")
@@ -124,28 +136,49 @@ SWEEPS = Path("runs") / "sweeps"
 
 
 def train_overrides(items: list[str]) -> dict:
-    """``--train-arg FLAG=VALUE`` items parsed by launch/train.py's own parser, as the
-    nested configuration values they set."""
-    import importlib.util
+    """``--train-arg FLAG=VALUE`` items parsed by launch/train.py's own flags (generated
+    from the configuration), as the nested configuration values they set."""
+    from segcore.cli import add_config_arguments, overrides
 
-    spec = importlib.util.spec_from_file_location("segbench_train_cli",
-                                                  Path(__file__).with_name("train.py"))
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
     flags = []
     for item in items:
         k, eq, v = item.partition("=")
         flags += [k, v] if eq else [k]
-    p = train_cli.parser()
-    p.exit_on_error = False
+    p = argparse.ArgumentParser(prog="--train-arg", add_help=False, exit_on_error=False)
+    add_config_arguments(p)
     try:
         ns = p.parse_args(flags)
     except (argparse.ArgumentError, SystemExit) as e:
         raise ConfigError(f"--train-arg {' '.join(items)}: {e}; use the form "
                           "--train-arg=--synthetic-images=40") from None
-    over = train_cli.overrides(ns)
+    over = overrides(ns)
     over.pop("run", None)
     return over
+
+
+def _merged(*overs: dict) -> dict:
+    out: dict = {}
+    for over in overs:
+        for section, values in over.items():
+            out.setdefault(section, {}).update(values)
+    return out
+
+
+def axes(items: list[str]) -> dict[str, list[str]]:
+    """``--axis PATH=V1,V2`` items as ``{path: [text, ...]}`` (typed by the grid).
+    A list-valued field (``model.widths``) separates its values with ``;``."""
+    from segcore.cli import field
+
+    out: dict[str, list[str]] = {}
+    for item in items:
+        path, text = parse_assignment(item, "--axis")
+        sep = ";" if field(path).kind is tuple else ","
+        values = [v.strip() for v in text.split(sep) if v.strip()]
+        if not values or path in out:
+            raise ConfigError(f"--axis {item!r}: give each field once, with its values "
+                              f"separated by '{sep}'")
+        out[path] = values
+    return out
 
 
 def latest_sweep() -> Path:
@@ -166,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from segcore.host import capture_env, hardware_tag, usable_cores
-        from segcore.sweep.driver import SweepInterrupted, run_sweep
+        from segcore.sweep.driver import run_sweep
         from segcore.sweep.grid import PRESET_FIELDS, SweepSpec, preset
 
         if a.preset:
@@ -193,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                          measure_steps=a.measure_steps, lr=a.lr, lr_scaling=a.lr_scaling,
                          repeats=a.repeats, strong_scaling=a.strong_scaling,
                          threads=threads, nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint,
-                         timeout_s=a.timeout, overrides=train_overrides(a.train_arg))
+                         timeout_s=a.timeout,
+                         overrides=_merged(train_overrides(a.train_arg),
+                                           assignments(a.set_items)),
+                         axes=axes(a.axis_items))
         if a.preset == "paper":
             p = preset("paper", a.epochs if epochs_given else None)
             if epochs_given:

@@ -36,6 +36,27 @@ MODES = ("throughput", "accuracy", "both")
 LR_SCALINGS = ("linear", "sqrt", "none")
 
 
+# The allowed values of every field that has a fixed set: validation and both command
+# lines read them here.
+CHOICES: dict[str, tuple] = {
+    "model.arch": ARCHS, "model.norm": NORMS,
+    "data.class_scheme": SCHEMES, "data.loader": LOADERS,
+    "data.pred_threshold": PRED_THRESHOLDS,
+    "train.lr_scaling": LR_SCALINGS, "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES, "train.loss": LOSSES, "train.precision": PRECISIONS,
+    "train.engine": ENGINES,
+    "train.zero_stage": tuple(sorted({s for n in ENGINES for s in engine_spec(n).stages})),
+    "train.monitor": MONITORS, "run.mode": MODES,
+}
+
+
+def _check_choices(section: str, obj: Any, skip: tuple[str, ...] = ()) -> None:
+    for path, allowed in CHOICES.items():
+        sec, _, name = path.partition(".")
+        if sec == section and name not in skip:
+            _choice(sec, name, getattr(obj, name), allowed)
+
+
 def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{section}.{name} = {value!r} is not valid; "
@@ -99,8 +120,7 @@ class ModelConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _choice("model", "arch", self.arch, ARCHS)
-        _choice("model", "norm", self.norm, NORMS)
+        _check_choices("model", self)
         if isinstance(self.widths, (str, bytes)) or not all(
                 isinstance(w, int) and not isinstance(w, bool) for w in self.widths):
             raise ConfigError(f"model.widths = {self.widths!r} must be a list of whole "
@@ -171,7 +191,6 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self._check_classes()
-        _choice("data", "loader", self.loader, LOADERS)
         _positive("data", "image_size", self.image_size, integer=True)
         if not isinstance(self.test_fraction, (int, float)) or \
                 not 0.0 < self.test_fraction < 1.0:
@@ -197,7 +216,7 @@ class DataConfig:
                 load_class_map(self.class_map)
             except ClassMapError as e:
                 raise ConfigError(f"data.class_map: {e}") from None
-        _choice("data", "class_scheme", self.class_scheme, SCHEMES)
+        _check_choices("data", self)
         if self.class_scheme == "map" and self.class_map is None:
             raise ConfigError("data.class_scheme = 'map' needs data.class_map = FILE.toml "
                               "(--class-map)")
@@ -208,7 +227,6 @@ class DataConfig:
         if t != DEFAULT_UNLABELED_THRESHOLD and self.class_scheme != "unlabeled-binary":
             raise ConfigError(f"data.unlabeled_threshold = {t} only applies to class_scheme "
                               f"'unlabeled-binary', not {self.class_scheme!r}")
-        _choice("data", "pred_threshold", self.pred_threshold, PRED_THRESHOLDS)
         if self.pred_threshold != "fixed" and self.class_scheme not in BINARY_SCHEMES:
             raise ConfigError(f"data.pred_threshold = {self.pred_threshold!r} applies to the "
                               f"binary schemes ({', '.join(BINARY_SCHEMES)}), not to "
@@ -292,14 +310,7 @@ class TrainConfig:
         _positive("train", "weight_decay", self.weight_decay, allow_zero=True)
         _positive("train", "timeout_s", self.timeout_s)
         _fraction("train", "target_miou", self.target_miou)
-        _choice("train", "lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _choice("train", "optimizer", self.optimizer, OPTIMIZERS)
-        _choice("train", "schedule", self.schedule, SCHEDULES)
-        _choice("train", "loss", self.loss, LOSSES)
-        _choice("train", "precision", self.precision, PRECISIONS)
-        _choice("train", "engine", self.engine, ENGINES)
-        _choice("train", "zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _choice("train", "monitor", self.monitor, MONITORS)
+        _check_choices("train", self)
         spec = engine_spec(self.engine)
         if not spec.staged and self.zero_stage != 0:
             raise ConfigError(f"train.zero_stage = {self.zero_stage} only applies to "
@@ -335,7 +346,17 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """One configuration of the benchmark: what the sweep varies and train.py runs."""
+    """One configuration of the benchmark: what the sweep varies and train.py runs.
+
+    Attributes:
+        mode: ``throughput`` (the timed window only), ``accuracy`` (the budget only) or
+            ``both``.
+        out: the run's output folder.
+        run_id: its id in a sweep (the row's ``run_id``).
+        sweep_id: the sweep it belongs to.
+        resolved: set by :func:`resolve`; a job checks such a configuration
+            (:func:`check_resolved`) instead of resolving it again.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -344,9 +365,10 @@ class RunConfig:
     out: str = "runs/latest"
     run_id: str = ""
     sweep_id: str = ""
+    resolved: bool = False
 
     def __post_init__(self) -> None:
-        _choice("run", "mode", self.mode, MODES)
+        _check_choices("run", self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -449,7 +471,32 @@ def resolve(cfg: RunConfig, world_size: int) -> tuple[RunConfig, list[str]]:
         notes.append(f"loader {loader.name!r} feeds random tensors: accuracy cannot be "
                      f"measured, so mode {d['mode']!r} becomes 'throughput'")
         d["mode"] = "throughput"
+    d["resolved"] = True
     return RunConfig.from_dict(d), notes
+
+
+def check_resolved(cfg: RunConfig, world_size: int) -> None:
+    """Check (not redo) a configuration :func:`resolve` produced, against the job that
+    runs it: its worker count and the batch and mode rules.
+
+    Raises:
+        ConfigError: what disagrees, and how to fix it.
+    """
+    t = cfg.train
+    if t.world_size != world_size:
+        raise ConfigError(f"the configuration was resolved for {t.world_size} worker(s) but "
+                          f"the job has {world_size}; launch it with {t.world_size} "
+                          "worker(s), or drop `resolved` from the file to resolve it anew")
+    per_step = world_size * t.grad_accum
+    if t.global_batch_size != t.local_batch_size * per_step:
+        raise ConfigError(f"train.global_batch_size = {t.global_batch_size} but "
+                          f"{t.local_batch_size} per worker x {world_size} worker(s) x "
+                          f"grad_accum {t.grad_accum} = {t.local_batch_size * per_step}: "
+                          "the file was edited after it was resolved; drop `resolved` from "
+                          "it to resolve it anew")
+    if not loader_spec(cfg.data.loader).measures_accuracy and cfg.mode != "throughput":
+        raise ConfigError(f"loader {cfg.data.loader!r} measures throughput only, but mode is "
+                          f"{cfg.mode!r}; drop `resolved` from the file to resolve it anew")
 
 
 def _drop_none(d: Any) -> Any:
@@ -494,3 +541,9 @@ def load_config(path: str | Path) -> RunConfig:
         return RunConfig.from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+# The sections of a configuration, by the name its files and dotted paths use ("run" is
+# the top level).
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                             "run": RunConfig}

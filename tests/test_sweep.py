@@ -188,6 +188,11 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, env):
     cmds = [ln for ln in p.stdout.splitlines() if "torch.distributed.run" in ln]
     assert len(cmds) == 4
     assert not (out / "runs.jsonl").exists() and not (out / "runs").exists()
+    # the configuration files the commands name are written, resolved for their job
+    written = sorted((out / "configs").glob("*.toml"))
+    assert len(written) == 4 and all(str(w) in p.stdout for w in written)
+    from segcore.config import load_config
+    assert all(load_config(w).resolved for w in written)
 
 
 @pytest.mark.multiproc

@@ -23,8 +23,9 @@ from PIL import Image
 
 from segcore.data.classes import IGNORE_INDEX, SDD_NAMES, ClassScheme
 from segcore.data.layouts import DatasetError
+from segcore.faults import one_line
 
-__all__ = ["IMAGE_EXTS", "MASK_EXTS", "TRUTH_KINDS", "ImageReadError", "one_line",
+__all__ = ["IMAGE_EXTS", "MASK_EXTS", "TRUTH_KINDS", "ImageReadError",
            "list_images", "find_truth", "image_size", "read_image", "read_truth"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
@@ -41,12 +42,6 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 
 class ImageReadError(OSError):
     """One image cannot be decoded; the folder run reports and skips it."""
-
-
-def one_line(text: object, limit: int = 400) -> str:
-    """An error text squeezed onto one line (library messages may span several)."""
-    s = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def list_images(images: str | Path) -> list[Path]:

@@ -33,8 +33,6 @@ import json
 import math
 import multiprocessing
 import os
-import signal
-import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +43,7 @@ import numpy as np
 from PIL import Image
 
 from segcore.data.classes import IGNORE_INDEX, SDD_CLASSES, SDD_NAMES, ClassScheme, read_class_csv
+from segcore.faults import die_with_parent
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 LAYOUTS = ("cache", "kaggle", "tugraz", "plain")
@@ -634,18 +633,7 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
     """
     ctx = multiprocessing.get_context("spawn")
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                               initializer=_die_with_parent, initargs=(os.getpid(),))
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool-worker initializer: SIGKILL this worker when ``parent`` dies."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+                               initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def default_workers() -> int:

@@ -26,8 +26,9 @@ from PIL import Image
 from segcore.config import ConfigError
 from segcore.data.classes import IGNORE_INDEX, ClassScheme
 from segcore.data.images import (ImageReadError, find_truth, image_size, list_images,
-                                 one_line, read_image, read_truth)
+                                 read_image, read_truth)
 from segcore.data.layouts import DatasetError
+from segcore.faults import one_line
 from segcore.precision import DTYPES
 from segcore.predict import PredictError
 from segcore.predict.blocks import plan_blocks, predict_classes

@@ -17,7 +17,7 @@ import torch
 
 from segcore.config import ConfigError, RunConfig
 from segcore.data.classes import ClassScheme, scheme_for
-from segcore.data.images import one_line
+from segcore.faults import one_line
 from segcore.predict import PredictError
 from segcore.train.checkpoint import CheckpointError, load_checkpoint
 

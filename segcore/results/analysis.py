@@ -191,8 +191,10 @@ def _col(d: pd.DataFrame, name: str) -> pd.Series:
 
 
 def family_columns(df: pd.DataFrame) -> list[str]:
-    """:data:`FAMILY_COLUMNS` plus the optional ones ``df`` has."""
-    return [*FAMILY_COLUMNS, *(c for c in OPTIONAL_FAMILY_COLUMNS if c in df.columns)]
+    """:data:`FAMILY_COLUMNS` plus the optional ones ``df`` has, and every generic sweep
+    axis it records (``axis.<path>``: a configuration no other column names)."""
+    return [*FAMILY_COLUMNS, *(c for c in OPTIONAL_FAMILY_COLUMNS if c in df.columns),
+            *(c for c in df.columns if str(c).startswith("axis."))]
 
 
 def _batch_key(strong: Any, batch: Any, global_batch: Any) -> Any:

@@ -51,6 +51,8 @@ def piece(col: str, v: Any, key: dict[str, Any]) -> str:
             return str(v)  # an engine this version does not know (an older folder)
     if col == "zero_stage":
         return f"ZeRO-{v}"
+    if col.startswith("axis."):
+        return f"{col.rpartition('.')[2]} {v}"  # a generic sweep axis (--axis PATH=...)
     if col == "batch_size":
         return f"global batch {v[1]}" if isinstance(v, tuple) else f"batch {v}"
     if col == "world_size":

@@ -155,7 +155,10 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
         sweep_id: identifies this sweep in every row (on ``resume``, the folder's own id
             is kept instead).
         resume: continue the folder's sweep: skip configurations already recorded.
-        dry_run: print each job's command and the plan's warnings; run and write nothing.
+        dry_run: print each job's command and the plan's warnings, and write the
+            configuration files the commands name (``configs/<run-id>.toml``, so that each
+            command can be run by hand); run nothing, record nothing, and leave a folder
+            that already holds results untouched.
         is_writer: False on nodes other than the first of a multi-node sweep: they run
             their share of every job but record nothing.
         argv: the command line, for env.json.
@@ -170,10 +173,15 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
     if dry_run:
         for line in plan_warnings(jobs, spec):
             log(line)
+        holds_results = (out_dir / "runs.jsonl").exists() or (out_dir / SPEC).exists()
         for job in jobs:
+            if not holds_results:
+                dump_config(job.config, config_path(out_dir, job.run_id))
             log(shlex.join(job_command(job, out_dir, sweep_id, spec.nnodes,
                                        spec.rdzv_endpoint)))
-        log(f"{len(jobs)} job(s); --dry-run: nothing was run")
+        wrote = (f"{out_dir} holds results: its configs were left as they are" if
+                 holds_results else f"configs written to {out_dir / 'configs'}")
+        log(f"{len(jobs)} job(s); --dry-run: nothing was run ({wrote})")
         return out_dir
     if not is_writer:
         _run_jobs(jobs, spec, out_dir, sweep_id, set(), None, False, log)
@@ -322,6 +330,7 @@ def _job_row(job: Job, rc: int, timed_out: bool, run_dir: Path, log_path: Path,
             row = {"run_id": None, "error": f"result.json unreadable: {e}"}
         if row.get("run_id") == job.run_id and row.get("sweep_id") == sweep_id:
             row["repeat"] = job.repeat
+            row.update(job.axis_columns())
             if row.get("first_step_unix"):
                 row["launch_overhead_s"] = row["first_step_unix"] - t0
             return row

@@ -20,21 +20,28 @@ from segcore.registry import engine_spec, parse_engine_axis
 
 @dataclass(frozen=True)
 class Job:
-    """One configuration of the grid: its id, workers per node and resolved config."""
+    """One configuration of the grid: its id, workers per node, resolved config, and the
+    values of the generic axes (``--axis``) it takes, recorded as ``axis.<path>`` columns."""
 
     run_id: str
     workers: int  # per node
     config: RunConfig
     repeat: int = 0
+    axes: tuple[tuple[str, Any], ...] = ()
+
+    def axis_columns(self) -> dict[str, Any]:
+        return {f"axis.{path}": value for path, value in self.axes}
 
 
 @dataclass
 class SweepSpec:
     """The grid and how to run it (built by ``launch/sweep.py`` from its flags).
 
-    ``overrides`` are configuration values for every job (``--train-arg``), as nested
-    ``{"data": {"synthetic_images": 40}}``; ``preset_rows`` a preset's explicit
-    configurations (replacing the batch x depth product).
+    ``overrides`` are configuration values for every job (``--set``, ``--train-arg``),
+    as nested ``{"data": {"synthetic_images": 40}}``; ``preset_rows`` a preset's explicit
+    configurations (replacing the batch x depth product); ``axes`` any configuration
+    field as one more axis of the grid (``--axis train.lr=1e-3,3e-3``: ``{"train.lr":
+    ["1e-3", "3e-3"]}``, typed by the field).
     """
 
     workers: list[int]
@@ -63,6 +70,7 @@ class SweepSpec:
     timeout_s: float = 1800.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     preset_rows: list[dict[str, Any]] | None = None
+    axes: dict[str, list[str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """What defines the grid (recorded in the folder; ``--resume`` must match it)."""
@@ -109,9 +117,29 @@ def _merge(d: dict[str, Any], over: dict[str, Any]) -> None:
             d[k] = v
 
 
+def axis_values(spec: SweepSpec) -> list[tuple[tuple[str, Any], ...]]:
+    """Every combination of the generic axes' values, typed by their fields."""
+    from segcore.cli import field
+
+    typed = []
+    for path, texts in spec.axes.items():
+        f = field(path)
+        values = [f.parse(t) for t in texts]
+        if len(set(map(str, values))) != len(values):
+            raise ConfigError(f"--axis {path}: a value is given twice ({', '.join(texts)})")
+        typed.append([(path, v) for v in values])
+    return list(itertools.product(*typed))
+
+
+def _axis_id(path: str, value: Any) -> str:
+    v = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+    return f"{path.rpartition('.')[2].replace('_', '')}{_slug(format(v, 'g') if isinstance(v, float) else str(v))}"
+
+
 def job_config(spec: SweepSpec, row: dict[str, Any], engine: str, stage: int, loader: str,
                precision: str, channels_last: bool, world: int, run_id: str,
-               sweep_id: str, out: str) -> RunConfig:
+               sweep_id: str, out: str,
+               axes: tuple[tuple[str, Any], ...] = ()) -> RunConfig:
     """The resolved configuration of one job (validated: raises ConfigError)."""
     d = RunConfig().to_dict()
     d.update(mode=spec.mode, run_id=run_id, sweep_id=sweep_id, out=out)
@@ -136,6 +164,9 @@ def job_config(spec: SweepSpec, row: dict[str, Any], engine: str, stage: int, lo
     if lr is not None:
         t["lr"] = lr
     _merge(d, spec.overrides)
+    for path, value in axes:
+        section, _, name = path.partition(".")
+        _merge(d, {name: value} if section == "run" else {section: {name: value}})
     try:
         cfg, _notes = resolve(RunConfig.from_dict(d), world)
     except ConfigError as e:
@@ -160,8 +191,9 @@ def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> 
             base.append({"batch": b, "widths": ",".join(map(str, widths_for_depth(d))),
                          "classes": spec.classes, "augment": True})
     jobs = []
-    for row, engine, loader, prec, cl in itertools.product(
-            base, spec.engines, spec.loaders, spec.precisions, spec.channels_last):
+    combos = axis_values(spec)
+    for row, engine, loader, prec, cl, axes in itertools.product(
+            base, spec.engines, spec.loaders, spec.precisions, spec.channels_last, combos):
         name, stage = parse_engine(engine)
         for workers in sorted(spec.workers):
             world = workers * spec.nnodes
@@ -180,10 +212,11 @@ def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> 
                                 "cl" if cl else "nchw"]
                                + ([] if row.get("augment", True) else ["noaug"])
                                + ([f"lr{row['lr']:g}"] if "lr" in row else []))
+            rid = "-".join([rid] + [_axis_id(p, v) for p, v in axes])
             for r in range(spec.repeats):
                 run_id = rid + (f"-r{r}" if spec.repeats > 1 else "")
                 out = str(Path(out_dir or "runs") / "runs" / run_id)
                 cfg = job_config(spec, row, name, stage, loader, prec, cl, world, run_id,
-                                 sweep_id, out)
-                jobs.append(Job(run_id, workers, cfg, r))
+                                 sweep_id, out, axes)
+                jobs.append(Job(run_id, workers, cfg, r, axes))
     return jobs

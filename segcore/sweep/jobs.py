@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from segcore.config import ConfigError
+from segcore.faults import die_with_parent
 from segcore.host import is_launcher_var
 from segcore.sweep.grid import Job
 
@@ -62,12 +63,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
 
 def run_job(cmd: list[str], log_path: Path, timeout_s: float, env: dict[str, str],
             keep_fds: tuple[int, ...] = ()) -> tuple[int, bool]:
@@ -83,7 +78,7 @@ def run_job(cmd: list[str], log_path: Path, timeout_s: float, env: dict[str, str
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, pass_fds=keep_fds,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         try:
             return proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
@@ -152,5 +147,6 @@ def failure_row(job: Job, sweep_id: str, status: str, error: str, nnodes: int,
                            "error": error}
     row.update(config_columns(job.config, nnodes=nnodes, device_type=device_type,
                               device_name=device_name))
+    row.update(job.axis_columns())
     row["repeat"] = job.repeat
     return row

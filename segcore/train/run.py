@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from segcore.config import ConfigError, RunConfig, dump_config, resolve
+from segcore.config import ConfigError, RunConfig, check_resolved, dump_config, resolve
 from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
                                   default_num_workers, make_eval_loader, make_train_loader)
@@ -279,13 +279,12 @@ def run(cfg: RunConfig, log: Log = print,
                            need_group=engine_spec(cfg.train.engine).needs_group)
     try:
         say: Log = log if ctx.is_primary else (lambda _m: None)
-        if cfg.train.world_size > 1 and cfg.train.world_size != ctx.world_size:
-            raise ConfigError(f"the configuration was resolved for {cfg.train.world_size} "
-                              f"workers but the job has {ctx.world_size}; launch it with "
-                              f"{cfg.train.world_size} workers")
-        cfg, notes = resolve(cfg, ctx.world_size)
-        for note in notes:
-            say(f"note: {note}")
+        if cfg.resolved:  # by the sweep's driver: checked here, not resolved again
+            check_resolved(cfg, ctx.world_size)
+        else:
+            cfg, notes = resolve(cfg, ctx.world_size)
+            for note in notes:
+                say(f"note: {note}")
         out = Path(cfg.out)
         if ctx.is_primary:
             out.mkdir(parents=True, exist_ok=True)

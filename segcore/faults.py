@@ -1,0 +1,48 @@
+"""How every entry point reports and survives faults, in one place: errors squeezed onto
+one line, out-of-memory recognised whatever raised it, and processes that die with their
+parent (``kill -9`` included) so that no orphan keeps training or writing.
+
+Imports nothing heavy (torch only inside :func:`is_oom`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    """An error text squeezed onto one line (library messages may span several)."""
+    s = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def is_oom(e: BaseException) -> bool:
+    """CUDA and CPU allocator failures (``DefaultCPUAllocator: can't allocate memory``)."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or "out of memory" in text or \
+            "can't allocate memory" in text or "cannot allocate memory" in text:
+        return True
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, torch.OutOfMemoryError)
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """SIGKILL this process when its parent dies (Linux; elsewhere nothing).
+
+    Args:
+        parent: the pid the parent had when this process was started; if the parent is
+            already gone (this process was re-parented before the call), die now. ``None``
+            between fork and exec (``preexec_fn``), where the parent is alive by
+            construction.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
