@@ -42,8 +42,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (fp16 on CUDA only)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="binary scheme: paved-area where sigmoid(logit) > threshold")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="binary schemes: paved-area where sigmoid(logit) > threshold "
+                        "(default: 0.5, the checkpoint's fixed rule; a checkpoint trained "
+                        "with --pred-threshold median|mean needs it given)")
     p.add_argument("--max-block-mb", type=float, default=1024.0,
                    help="memory for one block of the image's accumulator (MiB, 1024)")
     p.add_argument("--overlay-max-side", type=int, default=2048,

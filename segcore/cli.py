@@ -124,15 +124,6 @@ def field(path: str) -> Field:
     raise ConfigError(f"{path!r} is not a configuration field{hint}")
 
 
-def set_path(d: dict[str, Any], path: str, value: Any) -> None:
-    """``d[section][name] = value`` for ``section.name`` (``run.x`` is top level)."""
-    section, _, name = path.partition(".")
-    if section == "run":
-        d[name] = value
-    else:
-        d.setdefault(section, {})[name] = value
-
-
 def parse_assignment(item: str, flag: str = "--set") -> tuple[str, str]:
     """``train.lr=1e-3`` -> (path, text); the path is checked."""
     path, eq, text = item.partition("=")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as tdist
@@ -105,20 +103,16 @@ def teardown() -> None:
         tdist.destroy_process_group()
 
 
-@contextmanager
-def distributed(timeout_s: float = 600.0, threads: int | None = None,
-                force_device: str | None = None) -> Iterator[DistContext]:
-    """``with distributed() as ctx:`` — init, and teardown even on error."""
-    ctx = init_distributed(timeout_s, threads, force_device)
-    try:
-        yield ctx
-    finally:
-        teardown()
-
-
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op without a process group)."""
-    if tdist.is_available() and tdist.is_initialized():
+    """Sum a tensor over ranks in place (no-op without a process group). Under NCCL a
+    CPU tensor (an accumulator kept on the host) makes a round trip through the GPU."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return t
+    if tdist.get_backend() == "nccl" and t.device.type != "cuda":
+        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
+        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+        t.copy_(buf)
+    else:
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 

@@ -105,6 +105,20 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def save_figure_atomic(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure written as PNG atomically (rendered in memory, then temp +
+    rename): every figure of the suite goes through here, so a killed run or a full disk
+    never leaves half a picture. Creates the folder; returns the path."""
+    import io as _io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`write_bytes_atomic`)."""
     write_bytes_atomic(path, text.encode("utf-8"))

@@ -43,7 +43,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as tdist
+
+from segcore.dist import all_reduce_sum
 
 __all__ = [
     "confusion_matrix",
@@ -56,20 +57,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` over ranks in place; no-op without an initialised process group."""
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return t
-    if tdist.get_backend() == "nccl" and t.device.type != "cuda":
-        # NCCL only reduces CUDA tensors; a CPU accumulator makes a round trip.
-        buf = t.to(torch.device("cuda", torch.cuda.current_device()))
-        tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
-        t.copy_(buf)
-    else:
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return t
 
 
 def _check_labels(target: torch.Tensor, valid: torch.Tensor, num_classes: int,
@@ -285,7 +272,7 @@ class ConfusionMatrix:
 
         Call once, after the last update: a second call would count everything again.
         """
-        _all_reduce_sum_(self.mat)
+        all_reduce_sum(self.mat)
 
     def compute(self, class_names: Sequence[str] | None = None) -> dict[str, float]:
         """Metrics of the counts so far (see :func:`metrics_from_confusion`)."""
@@ -385,7 +372,7 @@ class ProbHistogram:
 
         Call once, after the last update: a second call would count everything again.
         """
-        _all_reduce_sum_(self.hist)
+        all_reduce_sum(self.hist)
 
     def reset(self) -> None:
         """Zero the counts."""

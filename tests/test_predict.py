@@ -725,3 +725,24 @@ def test_full_size_photo_peak_memory_under_4_gib(tmp_path):
     assert peak_kib >= before
     assert peak_kib / 2 ** 20 < 4.0, f"peak RSS {peak_kib / 2 ** 20:.2f} GiB"
     assert Image.open(tmp_path / "out" / "big_classes.png").size == (6000, 4000)
+
+
+def test_a_per_image_threshold_rule_is_refused_unless_a_cut_is_given(tmp_path, capsys):
+    """A checkpoint validated with --pred-threshold median would give every photo the same
+    paved share: prediction refuses it in one line, and maps with an explicit cut."""
+    photo, _ = scene("binary", SCENES["binary"])
+    save_png(tmp_path / "imgs" / "a.png", photo)
+    cfg = RunConfig(model=ModelConfig(widths=(8, 16)),
+                    data=DataConfig(class_scheme="binary", pred_threshold="median"))
+    sch = make_scheme("binary")
+    model = build_model(cfg.model, sch.num_classes, binary=True)
+    ckpt = tmp_path / "m.pt"
+    save_checkpoint_atomic({"engine": {"model": model.state_dict()}, "epoch": 0,
+                            "config": cfg.to_dict(), "class_names": list(sch.names)}, ckpt)
+    rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
+                         "--out", tmp_path / "o", "--tile", 64)
+    assert rc == 2 and "--pred-threshold median" in one_error_line(err)
+    assert "--threshold" in err and not (tmp_path / "o" / "a_classes.png").exists()
+    rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
+                         "--out", tmp_path / "o", "--tile", 64, "--threshold", 0.5)
+    assert rc == 0, err

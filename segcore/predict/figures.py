@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from segcore.data.classes import ClassScheme
-from segcore.io import write_bytes_atomic
+from segcore.io import save_figure_atomic, write_bytes_atomic
 
 __all__ = ["save_image", "overlay", "plot_summary"]
 
@@ -125,6 +125,4 @@ def plot_summary(rows: Sequence[Mapping[str, Any]], all_row: Mapping[str, Any], 
         + (f"; {title_note}" if title_note else ""),
         fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    write_bytes_atomic(path, buf.getvalue())
+    save_figure_atomic(fig, path)

@@ -63,7 +63,9 @@ class PredictSettings:
         batch_size: tiles per forward pass.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast, CUDA only).
-        threshold: binary scheme only: ``paved-area`` where ``sigmoid(logit) > threshold``.
+        threshold: binary schemes only: ``paved-area`` where ``sigmoid(logit) >
+            threshold``; ``None``: the checkpoint's rule (``fixed``: 0.5; a per-image
+            ``median``/``mean`` rule is refused, see :func:`predict_checkpoint`).
         channels_last: feed NHWC tiles; ``None`` follows the checkpoint's config.
         max_block_mb: device memory for one block's accumulator, weight map, uint8 input
             and class map (MiB; see :func:`segcore.predict.blocks.plan_blocks`).
@@ -78,7 +80,7 @@ class PredictSettings:
     batch_size: int = 4
     device: str = "auto"
     precision: str = "fp32"
-    threshold: float = 0.5
+    threshold: float | None = None
     channels_last: bool | None = None
     max_block_mb: float = 1024.0
     overlay_max_side: int = 2048
@@ -105,7 +107,7 @@ class PredictSettings:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"predict.precision = {self.precision!r} is not valid; choose "
                               f"one of: {', '.join(PRECISIONS)}")
-        if not 0.0 < self.threshold < 1.0:
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"predict.threshold = {self.threshold!r} must be in (0, 1)")
         if not self.max_block_mb > 0:
             raise ConfigError(f"predict.max_block_mb = {self.max_block_mb!r} must be > 0")
@@ -272,8 +274,6 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
         PredictError: a property table or truth mask that does not fit the scheme
             (checked before any image is predicted).
     """
-    from segcore.io import write_json_atomic, write_text_atomic
-
     settings = settings or PredictSettings()
     hooks = hooks or Hooks()
     table = table or load_properties(None, sch.name)
@@ -283,115 +283,150 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     truth = dict(truth or {})
-
-    def truth_mask(stem: str) -> np.ndarray:
-        with _as_predict_error():
-            return read_truth(truth[stem], sch, truth_kind, settings.max_image_pixels)
-
-    # Validate every truth mask before hours of inference: a wrong folder or scheme
-    # fails now, in one line.
-    for img in images:
-        if img.stem in truth:
-            m = truth_mask(img.stem)
-            size = image_size(img, settings.max_image_pixels)
-            if size is not None and size != (m.shape[1], m.shape[0]):
-                raise PredictError(f"truth mask {truth[img.stem]} is {m.shape[1]}x"
-                                   f"{m.shape[0]} but image {img} is {size[0]}x{size[1]}")
-            del m
-    autocast = None if settings.precision == "fp32" else DTYPES[settings.precision]
-    channels_last = bool(settings.channels_last)
-    names = sch.names
-    done: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
+    # Every truth mask before hours of inference: a wrong folder or scheme fails now.
+    _check_truth(images, truth, sch, truth_kind, settings.max_image_pixels)
+    tables = _StatsTables(out, sch.names, {
+        "tool": "segbench launch/predict.py", **(meta or {}), "scheme": sch.name,
+        "class_names": list(sch.names), "settings": settings.to_dict(),
+        "truth_kind": truth_kind if truth else None,
+        "properties_source": table.source, "properties": table.to_dict(),
+        "images_total": len(images),
+        "notes": "impervious/pervious/water fractions and C are over classified "
+                 "(known) pixels; unknown_fraction is the share of all pixels whose "
+                 "class has no surface (unlabeled, fence, person, ...) or is ignored. "
+                 "ALL is area-weighted (pixel sums). *_err = prediction - truth."})
     files: list[Path] = []
-    csv_path, json_path = out / "surface_stats.csv", out / "surface_stats.json"
-    base = {"tool": "segbench launch/predict.py", **(meta or {}), "scheme": sch.name,
-            "class_names": list(names), "settings": settings.to_dict(),
-            "truth_kind": truth_kind if truth else None,
-            "properties_source": table.source, "properties": table.to_dict(),
-            "images_total": len(images),
-            "notes": "impervious/pervious/water fractions and C are over classified "
-                     "(known) pixels; unknown_fraction is the share of all pixels whose "
-                     "class has no surface (unlabeled, fence, person, ...) or is ignored. "
-                     "ALL is area-weighted (pixel sums). *_err = prediction - truth."}
-
-    def write_tables(final: bool) -> dict[str, Any] | None:
-        rows = [d["row"] for d in done]
-        all_row = None
-        if done:
-            all_row = image_row("ALL", None, None, aggregate([d["stats"] for d in done]),
-                                names, seconds=sum(d["row"]["seconds"] for d in done),
-                                images=len(done))
-            all_row.update(_summarize_truth(done, names))
-        table_rows = rows + ([all_row] if all_row else [])
-        write_text_atomic(csv_path, _frame_csv(table_rows) if table_rows else "image\n")
-        write_json_atomic(json_path, {**base, "complete": final, "images_done": len(done),
-                                      "images_skipped": len(skipped), "skipped": skipped,
-                                      "images": rows, "all": all_row})
-        return all_row
-
     total = len(images)
     for index, path in enumerate(images):
         t0 = time.perf_counter()
         try:
             image = read_image(path, settings.max_image_pixels)
         except ImageReadError as e:
-            skipped.append({"image": path.name, "error": str(e)})
+            tables.skipped.append({"image": path.name, "error": str(e)})
             hooks.say(f"skipped {path}: {e}")
-            write_tables(final=False)
+            tables.write(final=False)
             if hooks.image_finished:
                 hooks.image_finished(index, total, None)
             continue
+        classes = _predict_image(model_fn, image, path.name, index, total, num_out_channels,
+                                 settings, device, hooks)
+        files += _write_maps(out, path.stem, image, classes, sch, settings)
         H, W = image.shape[:2]
-        if hooks.image_started:
-            n_tiles = sum(b.tiles for b in plan_blocks(H, W, settings.tile, settings.overlap,
-                                                       num_out_channels,
-                                                       settings.max_block_mb))
-            hooks.image_started(index, total, path.name, n_tiles)
-        classes = predict_classes(model_fn, image, num_out_channels, tile=settings.tile,
-                                  overlap=settings.overlap, batch_size=settings.batch_size,
-                                  device=device, autocast_dtype=autocast,
-                                  channels_last=channels_last, threshold=settings.threshold,
-                                  max_block_mb=settings.max_block_mb,
-                                  progress=hooks.tiles_done)
-        stem = path.stem
-        written = [out / f"{stem}_classes.png", out / f"{stem}_color.png",
-                   out / f"{stem}_overlay.jpg"]
-        save_image(Image.fromarray(classes), written[0], "PNG")  # uint8 2-D: mode L
-        save_image(Image.fromarray(sch.colorize(classes)), written[1], "PNG",
-                   compress_level=3)
-        save_image(overlay(image, classes, sch, settings.overlay_alpha,
-                           settings.overlay_max_side), written[2], "JPEG", quality=90)
-        files += written
         del image
-        stats = surface_stats(classes, names, table, ignore_index=None)
-        entry: dict[str, Any] = {"stats": stats, "truth_stats": None, "correct": 0,
-                                 "valid": 0}
-        if stem in truth:
-            mask = truth_mask(stem)
-            valid = mask != IGNORE_INDEX
-            entry.update(truth_stats=surface_stats(mask, names, table,
-                                                   ignore_index=IGNORE_INDEX),
-                         correct=int(np.count_nonzero((classes == mask) & valid)),
-                         valid=int(np.count_nonzero(valid)))
-            del mask, valid
-        elif truth:
-            hooks.say(f"no truth mask for {path.name}: its truth columns are empty")
-        entry["row"] = image_row(path.name, W, H, stats, names, entry["truth_stats"],
-                                 entry["correct"], entry["valid"],
+        entry = _score(classes, path, truth, sch, table, truth_kind, settings, hooks)
+        entry["row"] = image_row(path.name, W, H, entry["stats"], sch.names,
+                                 entry["truth_stats"], entry["correct"], entry["valid"],
                                  seconds=time.perf_counter() - t0)
-        done.append(entry)
+        tables.done.append(entry)
         del classes
-        write_tables(final=False)
+        tables.write(final=False)
         if hooks.image_finished:
             hooks.image_finished(index, total, entry["row"])
-    all_row = write_tables(final=True)
-    files += [csv_path, json_path]
+    all_row = tables.write(final=True)
+    files += [tables.csv_path, tables.json_path]
+    rows = [d["row"] for d in tables.done]
     if all_row is not None:
-        note = f"{len(skipped)} image(s) skipped (unreadable)" if skipped else ""
-        plot_summary([d["row"] for d in done], all_row, out / "summary.png", note)
+        note = f"{len(tables.skipped)} image(s) skipped (unreadable)" if tables.skipped else ""
+        plot_summary(rows, all_row, out / "summary.png", note)
         files.append(out / "summary.png")
-    return FolderResult([d["row"] for d in done], all_row, skipped, out, files)
+    return FolderResult(rows, all_row, tables.skipped, out, files)
+
+
+def _check_truth(images: Sequence[Path], truth: Mapping[str, Path], sch: ClassScheme,
+                 truth_kind: str, max_pixels: int | None) -> None:
+    """Each truth mask reads in the scheme and has its image's size (one line if not)."""
+    for img in images:
+        if img.stem in truth:
+            m = _truth_mask(truth[img.stem], sch, truth_kind, max_pixels)
+            size = image_size(img, max_pixels)
+            if size is not None and size != (m.shape[1], m.shape[0]):
+                raise PredictError(f"truth mask {truth[img.stem]} is {m.shape[1]}x"
+                                   f"{m.shape[0]} but image {img} is {size[0]}x{size[1]}")
+
+
+def _truth_mask(path: Path, sch: ClassScheme, truth_kind: str,
+                max_pixels: int | None) -> np.ndarray:
+    with _as_predict_error():
+        return read_truth(path, sch, truth_kind, max_pixels)
+
+
+class _StatsTables:
+    """``surface_stats.csv`` / ``.json``: rewritten after every image (rows so far plus
+    ``ALL``, area-weighted), so a crash keeps what finished."""
+
+    def __init__(self, out: Path, names: Sequence[str], base: dict[str, Any]) -> None:
+        self.names, self.base = names, base
+        self.csv_path, self.json_path = out / "surface_stats.csv", out / "surface_stats.json"
+        self.done: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+
+    def write(self, final: bool) -> dict[str, Any] | None:
+        from segcore.io import write_json_atomic, write_text_atomic
+
+        rows = [d["row"] for d in self.done]
+        all_row = None
+        if self.done:
+            all_row = image_row("ALL", None, None, aggregate([d["stats"] for d in self.done]),
+                                self.names, seconds=sum(r["seconds"] for r in rows),
+                                images=len(self.done))
+            all_row.update(_summarize_truth(self.done, self.names))
+        table_rows = rows + ([all_row] if all_row else [])
+        write_text_atomic(self.csv_path, _frame_csv(table_rows) if table_rows else "image\n")
+        write_json_atomic(self.json_path, {
+            **self.base, "complete": final, "images_done": len(self.done),
+            "images_skipped": len(self.skipped), "skipped": self.skipped, "images": rows,
+            "all": all_row})
+        return all_row
+
+
+def _predict_image(model_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray,
+                   name: str, index: int, total: int, num_out_channels: int,
+                   settings: PredictSettings, device: torch.device | str,
+                   hooks: Hooks) -> np.ndarray:
+    """The class map of one photo (tiled, in blocks within the memory budget)."""
+    H, W = image.shape[:2]
+    if hooks.image_started:
+        n_tiles = sum(b.tiles for b in plan_blocks(H, W, settings.tile, settings.overlap,
+                                                   num_out_channels, settings.max_block_mb))
+        hooks.image_started(index, total, name, n_tiles)
+    return predict_classes(
+        model_fn, image, num_out_channels, tile=settings.tile, overlap=settings.overlap,
+        batch_size=settings.batch_size, device=device,
+        autocast_dtype=None if settings.precision == "fp32" else DTYPES[settings.precision],
+        channels_last=bool(settings.channels_last),
+        threshold=0.5 if settings.threshold is None else settings.threshold,
+        max_block_mb=settings.max_block_mb, progress=hooks.tiles_done)
+
+
+def _write_maps(out: Path, stem: str, image: np.ndarray, classes: np.ndarray,
+                sch: ClassScheme, settings: PredictSettings) -> list[Path]:
+    """``<stem>_classes.png`` (indices), ``_color.png`` and ``_overlay.jpg``."""
+    written = [out / f"{stem}_classes.png", out / f"{stem}_color.png",
+               out / f"{stem}_overlay.jpg"]
+    save_image(Image.fromarray(classes), written[0], "PNG")  # uint8 2-D: mode L
+    save_image(Image.fromarray(sch.colorize(classes)), written[1], "PNG", compress_level=3)
+    save_image(overlay(image, classes, sch, settings.overlay_alpha,
+                       settings.overlay_max_side), written[2], "JPEG", quality=90)
+    return written
+
+
+def _score(classes: np.ndarray, path: Path, truth: Mapping[str, Path], sch: ClassScheme,
+           table: PropertyTable, truth_kind: str, settings: PredictSettings,
+           hooks: Hooks) -> dict[str, Any]:
+    """Surface statistics of one class map, and against its truth mask if it has one."""
+    entry: dict[str, Any] = {"stats": surface_stats(classes, sch.names, table,
+                                                    ignore_index=None),
+                             "truth_stats": None, "correct": 0, "valid": 0}
+    if path.stem in truth:
+        mask = _truth_mask(truth[path.stem], sch, truth_kind, settings.max_image_pixels)
+        valid = mask != IGNORE_INDEX
+        entry.update(truth_stats=surface_stats(mask, sch.names, table,
+                                               ignore_index=IGNORE_INDEX),
+                     correct=int(np.count_nonzero((classes == mask) & valid)),
+                     valid=int(np.count_nonzero(valid)))
+    elif truth:
+        hooks.say(f"no truth mask for {path.name}: its truth columns are empty")
+    return entry
 
 
 def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Path, *,
@@ -446,6 +481,16 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
     if settings.channels_last is None:
         settings = PredictSettings(**{**settings.to_dict(),
                                       "channels_last": loaded.cfg.model.channels_last})
+    rule = loaded.cfg.data.pred_threshold
+    if settings.threshold is None:
+        if rule != "fixed":
+            # A per-image median/mean split gives every photo the same paved share by
+            # construction (the study's evaluation): as a flood map it would be wrong.
+            raise PredictError(f"the checkpoint validates with --pred-threshold {rule} (each "
+                               "image split into equal shares), which would give every photo "
+                               "the same paved share; pass --threshold P (e.g. 0.5) to map "
+                               "with a fixed probability cut")
+        settings = PredictSettings(**{**settings.to_dict(), "threshold": 0.5})
     cfg = loaded.cfg
     meta = {"checkpoint": str(Path(checkpoint)), "epoch": loaded.epoch,
             "device": str(device),

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullLocator
 
+from segcore.io import save_figure_atomic
 from segcore.results.labels import default_label, describe_keys, dim_rank
 
 __all__ = ["HOLLOW", "SOURCE", "Line", "Metric", "Group", "Encoding", "encode",
@@ -389,7 +390,6 @@ def suptitle(fig: Figure, lines: Sequence[str | None]) -> None:
 
 
 def save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI)
+    save_figure_atomic(fig, path, dpi=_DPI)
 
 

@@ -35,7 +35,7 @@ from matplotlib.ticker import FuncFormatter
 from segcore.fmt import fmt
 from segcore.results import analysis
 from segcore.results.analysis import family_keys, norm, read_env, sort_key, truthy
-from segcore.results.labels import (describe_context, describe_keys, folder_labels, piece,
+from segcore.results.labels import (describe_keys, folder_labels, piece,
                                   seconds)
 from segcore.results.panels import (HOLLOW, Group, Line, Metric, grid, palette, render, save,
                                   suptitle)
@@ -44,7 +44,7 @@ from segcore.results.rows import read_rows
 __all__ = [
     "PLOT_NAMES", "PLOT_TITLES", "PlotResult", "plot_speedup", "plot_efficiency",
     "plot_throughput_vs_batch", "plot_memory", "plot_accuracy_vs_depth", "plot_pareto",
-    "plot_all", "plot_folder", "plot_compare",
+    "plot_all", "plot_compare",
 ]
 
 PLOT_NAMES = ("speedup", "efficiency", "throughput_vs_batch", "memory", "accuracy_vs_depth",
@@ -591,23 +591,6 @@ def plot_all(df: pd.DataFrame, out: str | Path, context: str | None = None
         ``{name: PlotResult}`` in :data:`PLOT_NAMES` order.
     """
     return _plot_each(df, Path(out), context)
-
-
-def plot_folder(folder: str | Path, out: str | Path | None = None
-                ) -> dict[str, PlotResult]:
-    """Redraw a results folder's figures from its runs.jsonl and env.json.
-
-    Args:
-        folder: the results folder.
-        out: the plots folder; default ``folder/plots``.
-
-    Returns:
-        as :func:`plot_all`.
-    """
-    folder = Path(folder)
-    df = read_rows(folder)
-    context = describe_context(df, read_env(folder))
-    return plot_all(df, Path(out) if out is not None else folder / "plots", context)
 
 
 def plot_compare(folders: Sequence[str | Path], out: str | Path,

@@ -630,6 +630,8 @@ def plot_commbench(result: dict[str, Any], path: str | os.PathLike) -> Path:
     fitted alpha-beta line, and DDP's bucket sizes marked."""
     from matplotlib.figure import Figure
 
+    from segcore.io import save_figure_atomic
+
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     p = result["world_size"]
@@ -655,7 +657,4 @@ def plot_commbench(result: dict[str, Any], path: str | os.PathLike) -> Path:
                  "lines: alpha-beta ring fit", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure_atomic(fig, path)

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from segcore.io import save_figure_atomic
 from segcore.registry import COMM_PATTERN_LABELS
 from segcore.scaling.model import (ASSUMPTIONS, Describe, HiddenFit, Interconnect, Link, PATTERNS, PUBLISHED,
                                    Published, REPORT_WORKERS, WHAT_IF, WORKERS, Workload, _num, _truthy, calibrate,
@@ -205,10 +206,7 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
     fig.suptitle(f"Scaling model on {net.name}, h = {hidden:.2f} (lines: model; points: "
                  "measured)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure_atomic(fig, path)
 
 
 __all__ = ["PATTERNS", "WORKERS", "comm_pattern", "Link", "Interconnect", "Workload",

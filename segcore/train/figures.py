@@ -14,12 +14,13 @@ import torch  # noqa: E402
 from segcore.data.classes import ClassScheme  # noqa: E402
 from segcore.data.classes import IGNORE_INDEX
 from segcore.data.dataset import MEAN, STD  # noqa: E402
+from segcore.io import save_figure_atomic  # noqa: E402
 from segcore.metrics import normalized_confusion  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure_atomic(fig, path)
     plt.close(fig)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +26,7 @@ from segcore.model import build_model, check_input_size, valid_side_at_most
 from segcore.registry import engine_spec
 from segcore.columns import config_columns, row_channels_last
 from segcore.train.engines import build_engine
-from segcore.train.trainer import Trainer, TrainResult
+from segcore.train.trainer import Trainer, TrainResult, step_budget
 
 Log = Callable[[str], None]
 
@@ -258,126 +259,169 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
     return row
 
 
+@dataclass
+class _Setup:
+    """What :func:`_setup` builds for one run and :func:`_fit` / :func:`_write` use."""
+
+    cfg: RunConfig
+    ctx: DistContext
+    out: Path
+    scheme: ClassScheme
+    conditions: dict[str, Any]
+    train_loader: Any
+    val_loader: Any
+    engine: Any
+    trainer: Trainer
+    flops: float | None
+
+
 def run(cfg: RunConfig, log: Log = print,
         resume_state: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Train and evaluate one configuration; the primary rank writes ``cfg.out``.
 
     Args:
-        cfg: the configuration; resolved here for the launcher's world size (a sweep's
-            config is already resolved, and must be for this world size).
+        cfg: the configuration: a resolved one (the sweep's) is checked against the
+            launcher's world size; any other is resolved here for it.
         log: progress lines (the primary rank's).
         resume_state: a checkpoint (``segcore.train.checkpoint``) to continue from.
 
     Returns:
         The result row on the primary rank, ``None`` on the others.
     """
-    from segcore.io import write_json_atomic
-    from segcore.train import telemetry
-
     started_at = _utc_now()
     ctx = init_distributed(cfg.train.timeout_s, cfg.train.threads,
                            need_group=engine_spec(cfg.train.engine).needs_group)
     try:
         say: Log = log if ctx.is_primary else (lambda _m: None)
-        if cfg.resolved:  # by the sweep's driver: checked here, not resolved again
-            check_resolved(cfg, ctx.world_size)
-        else:
-            cfg, notes = resolve(cfg, ctx.world_size)
-            for note in notes:
-                say(f"note: {note}")
-        out = Path(cfg.out)
-        if ctx.is_primary:
-            out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
-        if ctx.device.type == "cuda":
-            telemetry.set_cuda_math(tf32=True, cudnn_benchmark=True)
-        cond = conditions(cfg, ctx)
-        where = (f"{ctx.world_size} CPU worker process(es) x {torch.get_num_threads()} "
-                 "thread(s) — CPU timings show code paths and relative effects, not GPU "
-                 "performance" if ctx.device.type == "cpu"
-                 else f"{ctx.world_size} x {device_name(ctx.device)}")
-        scheme = scheme_for(cfg.data)
-        say(f"run {cfg.run_id or out.name}: {cfg.model.arch} U-Net widths "
-            f"{list(cfg.model.widths)}, {scheme.name} classes ({scheme.num_classes}), "
-            f"engine {cfg.train.engine}, {cfg.train.precision}, on {where}")
-        if cond["oversubscribed"]:
-            say(f"warning: oversubscribed: {cond['oversubscribed_why']}; the row is flagged")
-        if cond["precision_emulated"]:
-            say(f"warning: {cfg.train.precision} is emulated: {cond['precision_why']}; the "
-                "row is flagged")
-        (index, train_ds, train_loader, val_loader,
-         n_train, n_val) = build_loaders(cfg, ctx, scheme, say)
-        tc = cfg.train
-        say(f"data: {n_train} train / {n_val} validation images, crop "
-            f"{cfg.data.image_size}, loader {cfg.data.loader}, batch "
-            f"{tc.per_worker_batch}/worker ({tc.global_batch_size} global), lr "
-            f"{tc.effective_lr:.3g} ({tc.lr_scaling} scaling of {tc.lr:.3g})")
-        model = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
-        flops = None
-        try:
-            flops = telemetry.train_flops_per_image(
-                model, (3, cfg.data.image_size, cfg.data.image_size))
-        except Exception as e:  # FLOP counting is telemetry: never fail the run for it
-            say(f"warning: FLOP count unavailable ({type(e).__name__}: {e})")
-        model = model.to(ctx.device)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.model.compile:
-            model = torch.compile(model)
-        steps_per_epoch = max(1, len(train_loader) // tc.grad_accum)
-        total = tc.steps or (tc.warmup_steps + tc.measure_steps if cfg.mode == "throughput"
-                             else tc.epochs * steps_per_epoch)
-        engine = build_engine(model, tc, ctx.device, total, ctx.distributed, log=say)
-        weights = class_weights_from(train_ds, scheme.num_classes) \
-            if tc.class_weights else None
-        trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
-                          checkpoint_path=out / "checkpoint.pt", class_weights=weights)
-        if row_channels_last(cfg) != trainer.channels_last:  # rows must say what runs
-            raise RuntimeError(f"segcore.registry's trains_nchw disagrees with engine "
-                               f"{cfg.train.engine!r} about the memory format it trains in")
-        if resume_state is not None:
-            trainer.resume(resume_state)
-        if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
-            dump_config(cfg, out / "config.toml")
-        baseline = telemetry.host_rss_mb()  # after imports, data and model build
-        trainer.memory = telemetry.PhasePeaks(ctx.device, baseline)
-        trainer.memory.enter("warmup")  # the peaks then cover training, not set-up
-        nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \
-            else None
-        if nvml:
-            nvml.start()
-        t0 = time.perf_counter()
-        res = trainer.fit()
-        wall = time.perf_counter() - t0
-        nvml_stats = nvml.stop() if nvml else {}
-        dali_mb = train_loader.memory_mb() if hasattr(train_loader, "memory_mb") else None
-        memory = _gather_memory(ctx, nvml_stats, baseline, trainer.memory.result(), dali_mb)
-        ran = {"loader_workers": getattr(train_loader, "num_workers", None),
-               "dist_backend": ctx.backend}
-        row = build_row(cfg, ctx, res, flops, {**memory, **cond, **ran})
-        row.update(wall_s=wall, first_step_unix=res.first_step_unix, started_at=started_at,
-                   finished_at=_utc_now())
-        # Collective under ZeRO-3: every rank.
-        final_weights = res.final_weights or engine.model_state_dict()
-        if not ctx.is_primary:
-            return None
-        write_json_atomic(out / "metrics.json", {"best": res.metrics, "history": res.history,
-                                                 "timing": res.timing,
-                                                 "step_losses": res.step_losses})
-        write_json_atomic(out / "result.json", row)
-        try:
-            from segcore.train import figures
-            plain = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
-            plain.load_state_dict(final_weights)
-            figures.run_figures(out, res, scheme, plain.to(ctx.device),
-                                val_loader.on("cpu"), ctx.device, cfg.model.channels_last)
-        except Exception as e:  # figures must not lose the results already written
-            say(f"warning: figures not drawn ({type(e).__name__}: {e})")
-        say(summary_line(row))
-        return row
+        s = _setup(cfg, ctx, say, resume_state)
+        res, extra = _fit(s)
+        extra.update(started_at=started_at, finished_at=_utc_now())
+        return _write(s, res, extra, say)
     finally:
         teardown()
+
+
+def _setup(cfg: RunConfig, ctx: DistContext, say: Log,
+           resume_state: dict[str, Any] | None) -> _Setup:
+    """Check or resolve the configuration, then data, model, engine and Trainer; the
+    primary rank writes ``config.toml`` (the configuration used, after any resume)."""
+    from segcore.train import telemetry
+
+    if cfg.resolved:  # by the sweep's driver: checked here, not resolved again
+        check_resolved(cfg, ctx.world_size)
+    else:
+        cfg, notes = resolve(cfg, ctx.world_size)
+        for note in notes:
+            say(f"note: {note}")
+    out = Path(cfg.out)
+    if ctx.is_primary:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    if ctx.device.type == "cuda":
+        telemetry.set_cuda_math(tf32=True, cudnn_benchmark=True)
+    cond = conditions(cfg, ctx)
+    where = (f"{ctx.world_size} CPU worker process(es) x {torch.get_num_threads()} "
+             "thread(s) — CPU timings show code paths and relative effects, not GPU "
+             "performance" if ctx.device.type == "cpu"
+             else f"{ctx.world_size} x {device_name(ctx.device)}")
+    scheme = scheme_for(cfg.data)
+    say(f"run {cfg.run_id or out.name}: {cfg.model.arch} U-Net widths "
+        f"{list(cfg.model.widths)}, {scheme.name} classes ({scheme.num_classes}), "
+        f"engine {cfg.train.engine}, {cfg.train.precision}, on {where}")
+    if cond["oversubscribed"]:
+        say(f"warning: oversubscribed: {cond['oversubscribed_why']}; the row is flagged")
+    if cond["precision_emulated"]:
+        say(f"warning: {cfg.train.precision} is emulated: {cond['precision_why']}; the "
+            "row is flagged")
+    (index, train_ds, train_loader, val_loader,
+     n_train, n_val) = build_loaders(cfg, ctx, scheme, say)
+    tc = cfg.train
+    say(f"data: {n_train} train / {n_val} validation images, crop "
+        f"{cfg.data.image_size}, loader {cfg.data.loader}, batch "
+        f"{tc.per_worker_batch}/worker ({tc.global_batch_size} global), lr "
+        f"{tc.effective_lr:.3g} ({tc.lr_scaling} scaling of {tc.lr:.3g})")
+    model = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
+    flops = None
+    try:
+        flops = telemetry.train_flops_per_image(
+            model, (3, cfg.data.image_size, cfg.data.image_size))
+    except Exception as e:  # FLOP counting is telemetry: never fail the run for it
+        say(f"warning: FLOP count unavailable ({type(e).__name__}: {e})")
+    model = model.to(ctx.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    _, scheduled = step_budget(cfg, len(train_loader))
+    engine = build_engine(model, tc, ctx.device, scheduled, ctx.distributed, log=say)
+    weights = class_weights_from(train_ds, scheme.num_classes) \
+        if tc.class_weights else None
+    trainer = Trainer(cfg, engine, train_loader, val_loader, scheme, ctx, log=say,
+                      checkpoint_path=out / "checkpoint.pt", class_weights=weights)
+    if row_channels_last(cfg) != trainer.channels_last:  # rows must say what runs
+        raise RuntimeError(f"segcore.registry's trains_nchw disagrees with engine "
+                           f"{cfg.train.engine!r} about the memory format it trains in")
+    if resume_state is not None:
+        trainer.resume(resume_state)
+    if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
+        dump_config(cfg, out / "config.toml")
+    return _Setup(cfg, ctx, out, scheme, cond, train_loader, val_loader, engine, trainer,
+                  flops)
+
+
+def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
+    """Trainer.fit() under the memory and power probes; (its result, the row's memory,
+    conditions and wall-clock columns)."""
+    from segcore.train import telemetry
+
+    ctx = s.ctx
+    baseline = telemetry.host_rss_mb()  # after imports, data and model build
+    s.trainer.memory = telemetry.PhasePeaks(ctx.device, baseline)
+    s.trainer.memory.enter("warmup")  # the peaks then cover training, not set-up
+    nvml = telemetry.NvmlSampler(ctx.device.index or 0) if ctx.device.type == "cuda" \
+        else None
+    if nvml:
+        nvml.start()
+    t0 = time.perf_counter()
+    res = s.trainer.fit()
+    wall = time.perf_counter() - t0
+    nvml_stats = nvml.stop() if nvml else {}
+    loader = s.train_loader
+    dali_mb = loader.memory_mb() if hasattr(loader, "memory_mb") else None
+    memory = _gather_memory(ctx, nvml_stats, baseline, s.trainer.memory.result(), dali_mb)
+    extra = {**memory, **s.conditions, "loader_workers": getattr(loader, "num_workers", None),
+             "dist_backend": ctx.backend, "wall_s": wall,
+             "first_step_unix": res.first_step_unix}
+    return res, extra
+
+
+def _write(s: _Setup, res: TrainResult, extra: dict[str, Any],
+           say: Log) -> dict[str, Any] | None:
+    """The row, metrics.json, result.json and the figures (primary rank; the others
+    only join the final weights' gather)."""
+    from segcore.io import write_json_atomic
+
+    cfg, ctx, out, scheme = s.cfg, s.ctx, s.out, s.scheme
+    row = build_row(cfg, ctx, res, s.flops, extra)
+    # Collective under ZeRO-3: every rank.
+    final_weights = res.final_weights or s.engine.model_state_dict()
+    if not ctx.is_primary:
+        return None
+    write_json_atomic(out / "metrics.json", {"best": res.metrics, "history": res.history,
+                                             "timing": res.timing,
+                                             "step_losses": res.step_losses})
+    write_json_atomic(out / "result.json", row)
+    try:
+        from segcore.train import figures
+        plain = build_model(cfg.model, scheme.num_classes, binary=scheme.is_binary)
+        plain.load_state_dict(final_weights)
+        figures.run_figures(out, res, scheme, plain.to(ctx.device),
+                            s.val_loader.on("cpu"), ctx.device, cfg.model.channels_last)
+    except Exception as e:  # figures must not lose the results already written
+        say(f"warning: figures not drawn ({type(e).__name__}: {e})")
+    say(summary_line(row))
+    return row
 
 
 def _utc_now() -> str:

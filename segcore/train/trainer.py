@@ -100,6 +100,20 @@ def _fmt_s(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def step_budget(cfg: RunConfig, micro_batches_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps the run trains): ``train.steps`` if
+    set, else the throughput window (mode ``throughput``) or ``epochs`` whole epochs. The
+    one rule for the Trainer's loop and the engine's lr schedule (mode ``both`` times its
+    window after the budget, on the schedule's last lr)."""
+    tc = cfg.train
+    per_epoch = micro_batches_per_epoch // tc.grad_accum
+    if tc.steps:
+        return per_epoch, tc.steps
+    if cfg.mode == "throughput":
+        return per_epoch, tc.warmup_steps + tc.measure_steps
+    return per_epoch, tc.epochs * max(1, per_epoch)
+
+
 class Trainer:
     """Train and validate one configuration.
 
@@ -242,7 +256,7 @@ class Trainer:
         whatever its dataset size, epochs or worker count, and its accuracy on an equal
         sample budget."""
         tc, mode = self.cfg.train, self.cfg.mode
-        self.steps_per_epoch = len(self.train_loader) // tc.grad_accum
+        self.steps_per_epoch, budget = step_budget(self.cfg, len(self.train_loader))
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training split gives no full batch: {len(self.train_loader)} "
@@ -255,11 +269,9 @@ class Trainer:
         self.engine.train(True)
         if mode == "throughput":
             timer = step_timer(tc.warmup_steps, self.ctx.device)
-            n = tc.steps or tc.warmup_steps + tc.measure_steps
-            self._train(n, timer, result, accuracy=False, checkpoints=True)
+            self._train(budget, timer, result, accuracy=False, checkpoints=True)
         else:
             timer = step_timer(tc.warmup_steps, self.ctx.device)
-            budget = tc.steps or tc.epochs * self.steps_per_epoch
             self._train(budget, timer, result, accuracy=True, checkpoints=True)
             result.steps = self._step
             if mode == "both":
