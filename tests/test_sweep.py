@@ -165,6 +165,22 @@ def test_resume_refuses_another_grid_and_keeps_the_sweep_id(tmp_path):
     assert [c["resume"] for c in env["commands"]] == [False, True]
 
 
+def test_resume_compares_the_grid_not_the_transport(tmp_path):
+    # A resumed Slurm job gets another rendezvous endpoint (and may get another time
+    # limit): the same grid, accepted.
+    s = spec(nnodes=2, rdzv_endpoint="node0:29500", timeout_s=600)
+    _record_start(tmp_path, s, "sid", ["launch/sweep.py"], resume=False)
+    again = spec(nnodes=2, rdzv_endpoint="node7:31234", timeout_s=900)
+    assert check_resume_spec(tmp_path, again) == "sid"
+    # A folder recorded before a field existed holds that field's default.
+    rec = json.loads((tmp_path / "sweep.json").read_text())
+    del rec["spec"]["axes"]
+    (tmp_path / "sweep.json").write_text(json.dumps(rec))
+    assert check_resume_spec(tmp_path, again) == "sid"
+    with pytest.raises(ConfigError, match="axes"):
+        check_resume_spec(tmp_path, spec(nnodes=2, axes={"train.lr": ["0.1"]}))
+
+
 def sweep(args, env, timeout=400):
     return subprocess.run([sys.executable, SWEEP, *args], env=env, capture_output=True,
                           text=True, timeout=timeout)

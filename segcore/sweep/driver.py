@@ -86,9 +86,12 @@ def check_resume_spec(out_dir: Path, spec: SweepSpec) -> str:
                           "version can continue; start a new sweep with another --out")
     saved = json.loads(path.read_text())
     old, new = saved.get("spec", {}), json.loads(json.dumps(spec.to_dict()))
+    # A field an older version did not record had its default then.
+    defaults = json.loads(json.dumps(SweepSpec.defaults()))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     diffs = [f"{k}: recorded {old.get(k)!r}, now {new.get(k)!r}"
              for k in sorted(set(old) | set(new))
-             if k not in ("timeout_s",) and old.get(k) != new.get(k)]
+             if k not in SweepSpec.TRANSPORT and old.get(k) != new.get(k)]
     if diffs:
         raise ConfigError(f"--resume: the flags describe another grid than {out_dir} holds: "
                           + "; ".join(diffs) + ". Resume with the original flags, or start "

@@ -72,9 +72,25 @@ class SweepSpec:
     preset_rows: list[dict[str, Any]] | None = None
     axes: dict[str, list[str]] = field(default_factory=dict)
 
+    # How the jobs reach each other and how long they may take, not what they are: a
+    # resumed sweep (a new Slurm job: another rendezvous endpoint) may differ here.
+    TRANSPORT = ("timeout_s", "rdzv_endpoint")
+
     def to_dict(self) -> dict[str, Any]:
-        """What defines the grid (recorded in the folder; ``--resume`` must match it)."""
+        """What defines the grid (recorded in the folder; ``--resume`` must match it,
+        :data:`TRANSPORT` aside)."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The fields that have a default, with it (what an older record left out)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+        return out
 
 
 def parse_engine(value: str) -> tuple[str, int]:
