@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in DEFAULTS.items():
             if getattr(a, k) is None:
                 setattr(a, k, v)
+        if not a.timeout > 0:
+            raise ConfigError(f"--timeout {a.timeout:g}: a job needs a time limit above 0 "
+                              "seconds (default 1800)")
+        if a.data != "synthetic" and not Path(a.data).is_dir():
+            raise ConfigError(f"--data {a.data}: no such folder; prepare one with "
+                              "launch/prepare.py, or use --data synthetic")
         workers = a.gpus or default_workers()
         cpu = not torch.cuda.is_available()
         threads = a.threads or None

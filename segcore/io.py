@@ -139,9 +139,28 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+# Folders this process holds an exclusive lock on for its whole life (a sweep's writer).
+_HELD_FOLDERS: set[tuple[int, int]] = set()
+
+
+@contextlib.contextmanager
+def hold_folder(fd: int) -> Iterator[None]:
+    """Mark the folder open at ``fd`` (already flock-ed by the caller) as held by this
+    process while the block runs, so :func:`folder_lock` does not wait on itself."""
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino)
+    _HELD_FOLDERS.add(key)
+    try:
+        yield
+    finally:
+        _HELD_FOLDERS.discard(key)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
-    """Exclusive advisory lock on the folder, so two appenders cannot lose a row."""
+    """Exclusive advisory lock on the folder, so two appenders cannot lose a row. A
+    process that already holds the folder (a sweep's writer lock, :func:`hold_folder`)
+    is its only writer and takes nothing more."""
     # The folder itself is locked (not runs.jsonl) because runs.jsonl is replaced by
     # rename on every write, which would leave a lock on a stale inode.
     try:
@@ -152,8 +171,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) not in _HELD_FOLDERS:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

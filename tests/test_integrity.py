@@ -242,18 +242,18 @@ def test_full_disk_is_one_line_and_keeps_the_rows_written(tmp_path, monkeypatch)
         log_path.write_text("ok")
         return 0, False
 
-    real_write = rows_mod.write_text_atomic
+    real_write = rows_mod.write_bytes_atomic  # runs.jsonl is appended as bytes
     calls = []
 
-    def full_disk(path, text):
+    def full_disk(path, data):
         if Path(path).name == "runs.jsonl":
             calls.append(path)
             if len(calls) == 2:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, text)
+        return real_write(path, data)
 
     monkeypatch.setattr(driver, "run_job", fake_job)
-    monkeypatch.setattr(rows_mod, "write_text_atomic", full_disk)
+    monkeypatch.setattr(rows_mod, "write_bytes_atomic", full_disk)
     with pytest.raises(ConfigError, match="no space left.*rows recorded before .* kept"):
         driver.run_sweep(spec, tmp_path / "s", "sid", log=lambda m: None, argv=["x"])
     assert [r["run_id"] for r in read_records(tmp_path / "s")] == ["w1-six-u1632-b2-ddp-torch-fp32-cl"]
@@ -286,3 +286,43 @@ def test_help_and_unknown_flags_exit_cleanly(env):
     bad = run([sys.executable, TRAIN, "--bogus"], env, timeout=120)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_line_torn_inside_a_multibyte_character_is_one_bad_line(tmp_path):
+    from segcore.results.rows import append_row
+
+    good = json.dumps({"run_id": "a", "status": "ok", "error": "caf\u00e9"}, ensure_ascii=False)
+    torn = '{"run_id": "b", "error": "caf\u00e9'.encode("utf-8")[:-1]  # cut inside "é"
+    (tmp_path / "runs.jsonl").write_bytes(good.encode("utf-8") + b"\n" + torn)
+    with pytest.warns(UserWarning, match="runs.jsonl:2: skipping"):
+        assert [r["run_id"] for r in read_records(tmp_path)] == ["a"]
+    append_row(tmp_path, {"run_id": "c", "status": "ok"})  # resume appends after it
+    with pytest.warns(UserWarning):
+        assert [r["run_id"] for r in read_records(tmp_path)] == ["a", "c"]
+
+
+def test_the_writer_lock_cannot_be_deleted_away(tmp_path):
+    from segcore.sweep.driver import FolderBusy, writer_lock
+
+    with writer_lock(tmp_path, ["sweep", "--out", "x"]):
+        (tmp_path / ".sweep.lock").unlink()  # an operator "cleaning up"
+        with pytest.raises(FolderBusy, match="another sweep"):
+            with writer_lock(tmp_path, ["second"]):
+                pass
+    with writer_lock(tmp_path, ["third"]):  # released with its holder
+        pass
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--timeout", "0"], "--timeout 0: a job needs a time limit above 0"),
+    (["--timeout", "-5"], "--timeout -5"),
+    (["--data", "/nonexistent/sdd"], "--data /nonexistent/sdd: no such folder"),
+])
+def test_sweep_inputs_checked_before_the_first_job(tmp_path, capsys, argv, words):
+    import importlib
+
+    sweep_cli = importlib.import_module("launch.sweep")
+    rc = sweep_cli.main(["--gpus", "1", "--out", str(tmp_path / "s"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from segcore.io import dumps, folder_lock, write_text_atomic
+from segcore.io import dumps, folder_lock, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "IDENTITY_COLUMNS", "CONFIG_COLUMNS", "SPEED_COLUMNS", "MEMORY_COLUMNS",
@@ -89,12 +89,14 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    # Line by line from the bytes: a line torn by a crash (or cut inside a multi-byte
+    # character) is one bad line, never an unreadable file.
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             # Skipping keeps the rest of a sweep usable; the warning names the line so a
             # hand-edited file can be fixed.
             warnings.warn(f"{path}:{i}: skipping a line that is not JSON ({e})",
@@ -153,10 +155,10 @@ def append_row(folder: str | os.PathLike, row: dict[str, Any]) -> None:
     line = dumps(row)
     jsonl = folder / RUNS_JSONL
     with folder_lock(folder):
-        old = jsonl.read_text(encoding="utf-8") if jsonl.exists() else ""
-        if old and not old.endswith("\n"):
-            old += "\n"
-        write_text_atomic(jsonl, old + line + "\n")
+        old = jsonl.read_bytes() if jsonl.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"  # a torn last line stays one bad line, skipped on reading
+        write_bytes_atomic(jsonl, old + (line + "\n").encode("utf-8"))
         _write_csv(folder, _read_jsonl(jsonl))
 
 

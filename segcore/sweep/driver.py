@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 from segcore.config import ConfigError, dump_config
 from segcore.fmt import fmt
+from segcore.io import hold_folder
 from segcore.sweep.grid import Job, SweepSpec, expand
 from segcore.sweep.jobs import (child_env, classify_failure, config_path, failure_row,
                                 job_command, run_job)
@@ -50,6 +51,10 @@ class FolderBusy(ConfigError):
 def writer_lock(out_dir: Path, argv: list[str]) -> Iterator[int]:
     """Hold the folder's writer lock; yields its file descriptor (for jobs to inherit).
 
+    The lock is an advisory ``flock`` on the results folder itself, held on an open
+    descriptor for the sweep's life: it vanishes with its holder (``kill -9`` included)
+    and cannot be deleted away. ``.sweep.lock`` only names the holder, for the message.
+
     Raises:
         FolderBusy: the lock is held; the message names the holder and what to do.
     """
@@ -57,19 +62,23 @@ def writer_lock(out_dir: Path, argv: list[str]) -> Iterator[int]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = path.read_text(errors="replace").strip() or "unknown"
+        try:
+            holder = path.read_text(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "its note was deleted"
         os.close(fd)
         raise FolderBusy(f"{out_dir} is being written by another sweep ({holder}); wait "
                          "for it to finish, or choose another --out") from None
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}").encode())
-        yield fd
+        with contextlib.suppress(OSError):  # the note is for people; the lock is the fd
+            path.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(argv)}")
+        with hold_folder(fd):
+            yield fd
     finally:
         os.close(fd)  # closing releases the lock (jobs that inherited it keep theirs)
 
