@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.cli import assignments, parse_assignment  # noqa: E402
 from segcore.config import ConfigError  # noqa: E402
+from segcore.faults import handle_sigterm  # noqa: E402
 from segcore.registry import LOADERS, engine_axis_choices  # noqa: E402
 from segcore.sweep.driver import SweepInterrupted  # noqa: E402
 
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     # Under `torchrun launch/sweep.py` only one process per node drives the sweep.
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return 0
+    handle_sigterm()  # scancel, a time limit, preemption: handled as Ctrl-C
     try:
         import torch
 

@@ -22,7 +22,14 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 
 from segcore.cli import add_config_arguments, overrides  # noqa: E402
 from segcore.config import ConfigError, RunConfig, load_config  # noqa: E402
-from segcore.faults import die_with_parent, is_oom, one_line  # noqa: E402
+from segcore.data.layouts import DatasetError  # noqa: E402
+from segcore.faults import (die_with_parent, handle_sigterm, interruption,  # noqa: E402
+                            is_oom, one_line)
+from segcore.train.checkpoint import CheckpointError, load_for_resume  # noqa: E402
+from segcore.train.trainer import Diverged  # noqa: E402
+
+# Exit codes besides 0 and 1: what the sweep's failure rows are told apart by.
+EXIT_CONFIG, EXIT_OOM, EXIT_NO_SPACE, EXIT_DIVERGED = 2, 3, 4, 5
 
 _parent_at_start = os.getppid()
 
@@ -97,6 +104,7 @@ def resume_config(a: argparse.Namespace, saved: dict) -> RunConfig:
 @record  # under torchrun: the failing rank and its error reach the agent's report
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    handle_sigterm()
     if a.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     rank = os.environ.get("RANK")
@@ -104,9 +112,6 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     say = (lambda msg: print(msg, flush=True)) if rank in (None, "0") else (lambda _m: None)
     try:
-        from segcore.data.layouts import DatasetError
-        from segcore.train.checkpoint import CheckpointError, load_for_resume
-
         # Under a sweep the worker dies with its parent (the torchrun agent), kill -9
         # included, so no orphan keeps training.
         if os.environ.get("SEGBENCH_DIE_WITH_PARENT") == "1":
@@ -130,21 +135,25 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, log=say, resume_state=resume_state)
     except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prefix}interrupted: checkpoints already written are kept; continue with "
-              f"--resume --out {a.out or RunConfig().out}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except Diverged as e:
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel, preemption): the same
+        print(f"{prefix}interrupted ({interruption(e)}): checkpoints already written are "
+              f"kept; continue with --resume --out {a.out or RunConfig().out}",
+              file=sys.stderr, flush=True)
         return 130
     except Exception as e:
         if is_oom(e):
             print(f"{prefix}error: out of memory: {one_line(e)}. Lower --batch-size or "
                   "--image-size, or use --precision bf16", file=sys.stderr, flush=True)
-            return 3
+            return EXIT_OOM
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             print(f"{prefix}error: no space left on the device writing "
                   f"{e.filename or 'the outputs'}; free space or choose another --out "
                   "(files already written are kept)", file=sys.stderr, flush=True)
-            return 4
+            return EXIT_NO_SPACE
         print(f"{prefix}error: {type(e).__name__}: {one_line(e)}", file=sys.stderr, flush=True)
         raise
     return 0

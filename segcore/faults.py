@@ -46,3 +46,25 @@ def die_with_parent(parent: int | None = None) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if parent is not None and os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``scancel``, a Slurm time limit, preemption, a container stop), raised in
+    the main thread so that every ``except KeyboardInterrupt`` handles it as Ctrl-C:
+    results written are kept, and the message says how to continue."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread (call it there)."""
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def interruption(e: BaseException) -> str:
+    """How a run was interrupted, for messages: ``SIGTERM`` or ``Ctrl-C``."""
+    return "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"

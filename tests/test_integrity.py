@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -326,3 +327,94 @@ def test_sweep_inputs_checked_before_the_first_job(tmp_path, capsys, argv, words
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_non_finite_loss_stops_the_run_as_diverged(tmp_path, env):
+    """--lr 1e6: the loss overflows within a few steps; the run stops with status
+    diverged (the step, the last finite loss), exit 5, and no checkpoint of it."""
+    out = tmp_path / "run"
+    p = run([sys.executable, TRAIN, "--widths", "8,16", "--image-size", "32",
+             "--synthetic-images", "24", "--batch-size", "4", "--epochs", "3", "--lr", "1e6",
+             "--mode", "accuracy", "--out", str(out)], env)
+    assert p.returncode == 5, p.stderr[-2000:]
+    err = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert err[-1].startswith("error: diverged: the training loss is not finite by step")
+    assert "Traceback" not in p.stderr and "done:" not in p.stdout
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "diverged" and row["diverged_step"] <= 5
+    assert row["last_finite_loss"] is None or math.isfinite(row["last_finite_loss"])
+    assert not (out / "checkpoint.pt").exists() and not (out / "last.pt").exists()
+
+
+def test_a_diverged_job_is_a_diverged_row():
+    from segcore.sweep.jobs import classify_failure
+
+    log = "epoch 1/3\n[rank 0] error: diverged: the training loss is not finite by step 4\n"
+    status, error = classify_failure(5, log, False)
+    assert status == "diverged" and error.startswith("diverged: the training loss")
+
+
+def _wait_for(proc, path: Path, text: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {text!r}")
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not seen in {path}")
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_a_sweep_records_the_job_in_flight_and_resume_finishes(tmp_path, env):
+    """scancel / a time limit / preemption send SIGTERM: handled as Ctrl-C, and the
+    configuration in flight gets an `interrupted` row that --resume runs again."""
+    out = tmp_path / "s"
+    args = [SWEEP, "--gpus", "1", "--batch-sizes", "2", *TINY, "--out", str(out)]
+    console = tmp_path / "console.txt"
+    run_id = "w1-six-u1632-b2-ddp-torch-fp32-cl"
+    with open(console, "w") as f:
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_for(proc, out / "logs" / f"{run_id}.log", "data: ")  # the job is training
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = console.read_text()
+    assert rc == 130, text[-2000:]
+    assert "interrupted (SIGTERM)" in text and "--resume" in text and "Traceback" not in text
+    rows = read_records(out)
+    assert [(r["run_id"], r["status"]) for r in rows] == [(run_id, "interrupted")]
+    assert rows[0]["rerun_on_resume"] and "SIGTERM" in rows[0]["error"]
+    assert (out / "report.md").is_file()
+    p = run([sys.executable, *args, "--resume"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "1 to run (1 again" in p.stdout
+    rows = read_records(out)
+    assert [(r["run_id"], r["status"]) for r in rows] == [(run_id, "ok")]
+
+
+def test_sigterm_to_train_py_is_ctrl_c_with_a_row_and_the_resume_command(tmp_path, env):
+    out = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, TRAIN, "--widths", "8,16", "--image-size", "32",
+                                 "--synthetic-images", "24", "--batch-size", "2",
+                                 "--epochs", "50", "--mode", "accuracy", "--out", str(out)],
+                                env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_for(proc, log, "epoch 2/50")  # epoch 1 saved by then
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc == 130 and "interrupted (SIGTERM)" in text, text[-2000:]
+    assert f"--resume --out {out}" in text and "Traceback" not in text
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "interrupted" and row["rerun_on_resume"]
+    assert (out / "last.pt").is_file()  # the epochs done are kept for --resume

@@ -746,3 +746,16 @@ def test_a_per_image_threshold_rule_is_refused_unless_a_cut_is_given(tmp_path, c
     rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
                          "--out", tmp_path / "o", "--tile", 64, "--threshold", 0.5)
     assert rc == 0, err
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
+    photo, _ = scene("six", SCENES["six"])
+    save_png(tmp_path / "imgs" / "a.png", photo)
+    ckpt = random_checkpoint(tmp_path / "r.pt", "six")
+    state = torch.load(ckpt, weights_only=True)
+    first = next(k for k, v in state["engine"]["model"].items() if v.is_floating_point())
+    state["engine"]["model"][first].fill_(float("nan"))
+    save_checkpoint_atomic(state, ckpt)
+    rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
+                         "--out", tmp_path / "o", "--tile", 64)
+    assert rc == 2 and "non-finite weights" in one_error_line(err) and "diverged" in err

@@ -57,7 +57,8 @@ def slurm(tmp_path):
     _script(stubs / "scontrol", SCONTROL)
     fake_python = _script(tmp_path / "fake-python", FAKE_PYTHON)
 
-    def run(template: Path, *args: str, execute: bool = False, **env_over: str):
+    def run(template: Path, *args: str, execute: bool = False, background: bool = False,
+            **env_over: str):
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SLURM_", "SEGBENCH_", "OMP_"))}
         env.update(PATH=f"{stubs}{os.pathsep}{env['PATH']}", STUB_DIR=str(stubs),
@@ -68,6 +69,10 @@ def slurm(tmp_path):
         env.update(env_over)
         env = {k: v for k, v in env.items() if v is not None}
         (stubs / "srun.args").unlink(missing_ok=True)
+        if background:  # the running batch shell, for signals
+            return subprocess.Popen(["bash", str(template), *args], env=env, cwd=tmp_path,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
         proc = subprocess.run(["bash", str(template), *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
         argv = ((stubs / "srun.args").read_text().split("\0")[:-1]
@@ -183,3 +188,40 @@ def test_a_failing_job_says_so_with_each_node_error(slurm, tmp_path):
     assert "job 4242 failed" in proc.stderr
     assert f"== {out / 'slurm' / 'node0.log'}" in proc.stderr
     assert "batch_size" in proc.stderr  # the node's own error line, shown in the job output
+
+
+@pytest.mark.multiproc
+def test_sigterm_before_the_time_limit_reaches_the_workers_and_resume_keeps_the_id(
+        slurm, tmp_path):
+    """Slurm's early signal (--signal=B:TERM@60) goes to the batch shell, which passes it
+    on: the run stops as on Ctrl-C with an `interrupted` row; the resubmitted job resumes
+    under the run's own id and keeps the first job's node log."""
+    import signal
+    import time
+
+    assert "#SBATCH --signal=B:TERM@60" in TRAIN.read_text()
+    assert "#SBATCH --signal=B:TERM@60" in SWEEP.read_text()
+    out = tmp_path / "run"
+    common = ["--image-size", "32", "--widths", "8,16", "--synthetic-images", "24",
+              "--batch-size", "2", "--mode", "accuracy", "--out", str(out)]
+    env = dict(SLURM_CPUS_PER_TASK="1", SEGBENCH_CACHE=str(tmp_path / "cache"))
+    proc = slurm(TRAIN, *common, "--epochs", "200", execute=True, background=True,
+                 SEGBENCH_RDZV_PORT=str(free_port()), **env)
+    log = out / "slurm" / "node0.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and "epoch 2/200" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "SIGTERM (time limit, scancel or preemption)" in err
+    assert "interrupted (SIGTERM)" in log.read_text()
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "interrupted" and row["run_id"] == "slurm-4242"
+    first_log = log.read_text()
+    proc, _, _ = slurm(TRAIN, *common, "--epochs", "3", "--resume", execute=True,
+                       SLURM_JOB_ID="5151", SEGBENCH_RDZV_PORT=str(free_port()), **env)
+    assert proc.returncode == 0, proc.stderr + log.read_text()[-2000:]
+    row = json.loads((out / "result.json").read_text())
+    assert row["status"] == "ok" and row["run_id"] == "slurm-4242"  # not slurm-5151
+    assert (out / "slurm" / "node0.before-job5151.log").read_text() == first_log

@@ -79,8 +79,26 @@ segbench_run() {
   echo "segbench: job $SLURM_JOB_ID: $SLURM_NNODES node(s) x $NPROC worker(s) x" \
        "$OMP_NUM_THREADS thread(s), rendezvous $HEAD_NODE:$PORT, $PYTHON;" \
        "logs $logdir/node<N>.log"
-  local rc=0
-  "${SRUN[@]}" --output="$logdir/node%n.log" "$@" || rc=$?
+  # A resubmitted job (a --resume) writes into the same folder: keep the earlier job's
+  # node logs beside this one's.
+  local f
+  for f in "$logdir"/node*.log; do
+    case $f in *.before-job*) continue ;; esac
+    [ -f "$f" ] && mv "$f" "${f%.log}.before-job$SLURM_JOB_ID.log"
+  done
+  local rc=0 pid
+  # srun in the background so that this shell can pass on the SIGTERM that Slurm sends
+  # before a time limit or on scancel/preemption (#SBATCH --signal=B:TERM@60): the
+  # workers then stop as on Ctrl-C, keep what they wrote, and say how to resume.
+  "${SRUN[@]}" --output="$logdir/node%n.log" "$@" &
+  pid=$!
+  trap 'echo "segbench: job $SLURM_JOB_ID: SIGTERM (time limit, scancel or preemption): passing it on" >&2; kill -TERM "$pid" 2>/dev/null' TERM
+  wait "$pid" || rc=$?
+  while kill -0 "$pid" 2>/dev/null; do  # wait returned for the signal: wait for srun
+    rc=0
+    wait "$pid" || rc=$?
+  done
+  trap - TERM
   if [ "$rc" -ne 0 ]; then
     echo "segbench: job $SLURM_JOB_ID failed (exit $rc); each node's errors:" >&2
     for f in "$logdir"/node*.log; do

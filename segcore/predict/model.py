@@ -72,7 +72,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
     Raises:
         PredictError: a missing or unreadable file, a file that is not a segbench
             checkpoint, an invalid saved config, class names that differ from the
-            config's scheme, or weights that do not fit the saved architecture.
+            config's scheme, weights that do not fit the saved architecture, or
+            non-finite weights (a diverged run).
     """
     from segcore.model.unet import build_model
 
@@ -99,6 +100,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> LoadedMo
             f"checkpoint {path} does not match its saved config (arch/widths/classes: "
             f"{cfg.model.arch}, widths {list(cfg.model.widths)}, {sch.name} with "
             f"{sch.num_classes} classes): {one_line(e, 300)}") from None
+    bad = [k for k, v in model.state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise PredictError(f"checkpoint {path} holds non-finite weights ({len(bad)} "
+                           f"tensor(s), e.g. {bad[0]}): its training diverged; use a "
+                           "checkpoint of an earlier run, or retrain with a lower --lr")
     device = torch.device(device)
     model = model.to(device).eval()
     if cfg.model.channels_last:

@@ -29,7 +29,7 @@ from segcore.results.rows import read_rows
 
 __all__ = ["markdown_table", "write_report", "write_compare"]
 
-_FAILED = ("oom", "failed", "timeout")
+_FAILED = ("oom", "failed", "timeout", "diverged", "interrupted")
 _DASH = DASH
 # Configuration columns the results table may show (those that vary, see
 # _config_columns); engine and ZeRO stage are shown as one column.

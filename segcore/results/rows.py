@@ -22,7 +22,7 @@ from segcore.io import dumps, folder_lock, write_bytes_atomic, write_text_atomic
 __all__ = [
     "IDENTITY_COLUMNS", "CONFIG_COLUMNS", "SPEED_COLUMNS", "MEMORY_COLUMNS",
     "ACCURACY_COLUMNS", "EXTRA_COLUMNS", "RESULT_COLUMNS", "RUNS_JSONL", "RUNS_CSV",
-    "append_row", "write_rows", "read_rows", "read_records", "ordered_columns",
+    "append_row", "replace_row", "write_rows", "read_rows", "read_records", "ordered_columns",
 ]
 
 RUNS_JSONL = "runs.jsonl"
@@ -160,6 +160,17 @@ def append_row(folder: str | os.PathLike, row: dict[str, Any]) -> None:
             old += b"\n"  # a torn last line stays one bad line, skipped on reading
         write_bytes_atomic(jsonl, old + (line + "\n").encode("utf-8"))
         _write_csv(folder, _read_jsonl(jsonl))
+
+
+def replace_row(folder: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Record ``row`` in place of the rows of the same ``run_id`` (a configuration run
+    again on resume after an environmental failure), atomically, under the lock."""
+    folder = Path(folder)
+    with folder_lock(folder):
+        rows = [r for r in _read_jsonl(folder / RUNS_JSONL)
+                if r.get("run_id") != row.get("run_id")]
+        write_text_atomic(folder / RUNS_JSONL, "".join(dumps(r) + "\n" for r in rows + [row]))
+        _write_csv(folder, _read_jsonl(folder / RUNS_JSONL))
 
 
 def write_rows(folder: str | os.PathLike, rows: list[dict[str, Any]]) -> None:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from segcore.config import ConfigError, dump_config
+from segcore.faults import interruption
 from segcore.fmt import fmt
 from segcore.io import hold_folder
 from segcore.sweep.grid import Job, SweepSpec, expand
-from segcore.sweep.jobs import (child_env, classify_failure, config_path, failure_row,
-                                job_command, run_job)
+from segcore.sweep.jobs import (EXIT_NO_SPACE, child_env, classify_failure, config_path,
+                                failure_row, job_command, run_job)
 
 Log = Callable[[str], None]
 LOCK = ".sweep.lock"
@@ -40,7 +41,8 @@ SPEC = "sweep.json"
 
 
 class SweepInterrupted(Exception):
-    """Ctrl-C: rows already recorded are kept; the message says how to resume."""
+    """Ctrl-C or SIGTERM: rows already recorded are kept, the configuration in flight is
+    recorded as ``interrupted``; the message says how to resume."""
 
 
 class FolderBusy(ConfigError):
@@ -109,9 +111,12 @@ def check_resume_spec(out_dir: Path, spec: SweepSpec) -> str:
 
 
 def recorded_ids(out_dir: Path) -> set[str]:
+    """The run ids a resume skips: every recorded row except those that failed for a
+    reason of the environment, not of the configuration (``rerun_on_resume``:
+    interrupted by Ctrl-C or SIGTERM, or out of disk space), which run again."""
     from segcore.results.rows import read_records
 
-    return {r.get("run_id") for r in read_records(out_dir)}
+    return {r.get("run_id") for r in read_records(out_dir) if not r.get("rerun_on_resume")}
 
 
 def _eta(durations: list[float], remaining: int) -> str:
@@ -213,13 +218,19 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
             log(line)
         _measure_interconnect(out_dir, spec, jobs, log)
         try:
-            _run_jobs(jobs, spec, out_dir, sweep_id, done, lock_fd, True, log)
-        except KeyboardInterrupt:
+            unwritten = _run_jobs(jobs, spec, out_dir, sweep_id, done, lock_fd, True, log)
+        except KeyboardInterrupt as e:
             finish(out_dir, log)
             raise SweepInterrupted(
-                f"interrupted: the rows recorded in {out_dir} are kept (partial report "
-                f"written); continue with: {_resume_command(argv, out_dir)}") from None
+                f"interrupted ({interruption(e)}): the rows recorded in {out_dir} are kept "
+                f"(partial report written); continue with: "
+                f"{_resume_command(argv, out_dir)}") from None
         finish(out_dir, log)
+        if unwritten:
+            raise ConfigError(f"{len(unwritten)} row(s) could not be written to {out_dir} "
+                              f"({', '.join(unwritten)}); they are kept in "
+                              f"{_fallback_rows(out_dir)}. Make the folder writable, then "
+                              f"continue with: {_resume_command(argv, out_dir)}")
     return out_dir
 
 
@@ -275,14 +286,49 @@ def _record_start(out_dir: Path, spec: SweepSpec, sweep_id: str, argv: list[str]
     write_json_atomic(env_path, env)
 
 
+def _fallback_rows(out_dir: Path) -> Path:
+    """Where rows go that the results folder would not take (it became read-only)."""
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"segbench-unwritten-{out_dir.resolve().name}.jsonl"
+
+
+def _record(out_dir: Path, row: dict[str, Any], again: bool, unwritten: list[str],
+            log: Log) -> None:
+    """Append the row (replacing an earlier environmental failure of the same run). A
+    full disk stops the sweep; a folder that will not take it (read-only, immutable)
+    keeps the row in a fallback file and the sweep goes on."""
+    from segcore.io import dumps
+    from segcore.results.rows import append_row, replace_row
+
+    try:
+        (replace_row if again else append_row)(out_dir, row)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise ConfigError(f"no space left on the device writing {out_dir}: the rows "
+                              f"recorded before {row['run_id']} are kept; free space and "
+                              "continue with --resume") from None
+        fallback = _fallback_rows(out_dir)
+        with open(fallback, "a", encoding="utf-8") as f:
+            f.write(dumps(row) + "\n")
+        unwritten.append(str(row["run_id"]))
+        log(f"error: the row of {row['run_id']} could not be written to {out_dir} "
+            f"({e.strerror or e}); kept in {fallback}; the sweep goes on")
+
+
 def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
-              done: set[str], lock_fd: int | None, is_writer: bool, log: Log) -> None:
-    from segcore.results.rows import append_row
+              done: set[str], lock_fd: int | None, is_writer: bool, log: Log) -> list[str]:
+    """Run the jobs not in ``done``; the run ids whose rows the folder would not take."""
+    from segcore.results.rows import read_records
 
     todo = [j for j in jobs if j.run_id not in done]
-    if done:
+    again = {r.get("run_id") for r in read_records(out_dir)} - done if is_writer else set()
+    unwritten: list[str] = []
+    if done or again:
+        rerun = sum(j.run_id in again for j in todo)
         log(f"resume: {len(jobs) - len(todo)} configuration(s) already recorded, "
-            f"{len(todo)} to run")
+            f"{len(todo)} to run"
+            + (f" ({rerun} again: interrupted or out of disk space before)" if rerun else ""))
     dev_type, dev_name = host_device()
     durations: list[float] = []
     for i, job in enumerate(todo, 1):
@@ -298,8 +344,17 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
         cmd = job_command(job, out_dir, sweep_id, spec.nnodes, spec.rdzv_endpoint)
         log_path = out_dir / "logs" / (f"{job.run_id}.log" if is_writer
                                        else f"{job.run_id}.node{_node_rank()}.log")
-        rc, timed_out = run_job(cmd, log_path, spec.timeout_s, child_env(),
-                                keep_fds=(lock_fd,) if lock_fd is not None else ())
+        try:
+            rc, timed_out = run_job(cmd, log_path, spec.timeout_s, child_env(),
+                                    keep_fds=(lock_fd,) if lock_fd is not None else ())
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the job in flight gets a row
+            if is_writer:
+                row = failure_row(job, sweep_id, "interrupted",
+                                  f"stopped by {interruption(e)} while running; --resume "
+                                  "runs it again", spec.nnodes, dev_type, dev_name)
+                row["rerun_on_resume"] = True
+                _record(out_dir, row, job.run_id in again, unwritten, log)
+            raise
         dt = time.time() - t0
         durations.append(dt)
         if not is_writer:
@@ -307,14 +362,9 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
         row = _job_row(job, rc, timed_out, run_dir, log_path, sweep_id, spec.nnodes,
                        dev_type, dev_name, t0)
         row["wall_s"] = dt
-        try:
-            append_row(out_dir, row)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise ConfigError(f"no space left on the device writing {out_dir}: the rows "
-                                  f"recorded before {job.run_id} are kept; free space and "
-                                  "continue with --resume") from None
-            raise
+        if rc == EXIT_NO_SPACE or "no space left" in str(row.get("error", "")).lower():
+            row["rerun_on_resume"] = True  # the environment's fault: resume runs it again
+        _record(out_dir, row, job.run_id in again, unwritten, log)
         log(f"[{i}/{len(todo)}] {row['status']:7s} {job.run_id}  "
             f"{fmt(row.get('throughput_img_s'), '.1f')} img/s "
             f"(+/-{fmt(row.get('throughput_ci95_pct'), '.0f')} %, "
@@ -324,6 +374,7 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
             f"mIoU {fmt(row.get('mIoU'), '.3f')}  "
             f"launch {fmt(row.get('launch_overhead_s'), '.1f')} s  ({dt:.0f} s)"
             + (f"  error: {row['error']}" if row["status"] != "ok" else ""))
+    return unwritten
 
 
 def _node_rank() -> str:

@@ -18,6 +18,9 @@ from typing import Any
 
 from segcore.config import ConfigError
 from segcore.faults import die_with_parent
+
+# launch/train.py's exit code for a full disk (its EXIT_NO_SPACE).
+EXIT_NO_SPACE = 4
 from segcore.host import is_launcher_var
 from segcore.sweep.grid import Job
 
@@ -105,12 +108,16 @@ def classify_failure(rc: int, log_text: str, timed_out: bool) -> tuple[str, str]
 
     ``oom`` for CUDA and CPU allocator failures (exit code 3, or their message) and for a
     rank killed by SIGKILL (the kernel's OOM killer), naming the rank; ``timeout``;
-    otherwise ``failed`` with the first ``error:`` line of the log.
+    ``diverged`` for a non-finite training loss (exit code 5); otherwise ``failed`` with
+    the first ``error:`` line of the log.
     """
     if timed_out:
         return "timeout", "job exceeded the sweep's --timeout and was stopped"
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if re.search(r"\berror: ", ln)]
+    diverged = [ln for ln in errors if "error: diverged:" in ln]
+    if diverged:
+        return "diverged", re.sub(r"^(\[rank \d+\] )?error: ", "", diverged[0])[:500]
     oom = [ln for ln in lines if any(s in ln.lower() for s in _OOM_TEXT)]
     if oom or rc == 3:
         msg = next((ln for ln in errors if any(s in ln.lower() for s in _OOM_TEXT)),

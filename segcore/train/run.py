@@ -22,11 +22,12 @@ from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
                                   default_num_workers, make_eval_loader, make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
+from segcore.faults import interruption
 from segcore.model import build_model, check_input_size, valid_side_at_most
 from segcore.registry import engine_spec
 from segcore.columns import config_columns, row_channels_last
 from segcore.train.engines import build_engine
-from segcore.train.trainer import Trainer, TrainResult, step_budget
+from segcore.train.trainer import Diverged, Trainer, TrainResult, step_budget
 
 Log = Callable[[str], None]
 
@@ -294,7 +295,17 @@ def run(cfg: RunConfig, log: Log = print,
     try:
         say: Log = log if ctx.is_primary else (lambda _m: None)
         s = _setup(cfg, ctx, say, resume_state)
-        res, extra = _fit(s)
+        try:
+            res, extra = _fit(s)
+        except Diverged as e:
+            _write_stopped(s, "diverged", str(e), diverged_step=e.step,
+                           last_finite_loss=e.last_finite_loss)
+            raise
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (faults.Terminated)
+            _write_stopped(s, "interrupted", f"stopped by {interruption(e)} at step "
+                           f"{s.trainer.step}; checkpoints written are kept: continue with "
+                           f"--resume --out {s.out}", rerun_on_resume=True)
+            raise
         extra.update(started_at=started_at, finished_at=_utc_now())
         return _write(s, res, extra, say)
     finally:
@@ -394,6 +405,24 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
              "dist_backend": ctx.backend, "wall_s": wall,
              "first_step_unix": res.first_step_unix}
     return res, extra
+
+
+def _write_stopped(s: _Setup, status: str, error: str, **extra: Any) -> None:
+    """The row of a run that stopped before its end (``diverged``, ``interrupted``) in
+    result.json, on the primary rank: its configuration, why, and ``extra``."""
+    from segcore.io import write_json_atomic
+
+    if not s.ctx.is_primary:
+        return
+    row: dict[str, Any] = {"sweep_id": s.cfg.sweep_id, "run_id": s.cfg.run_id,
+                           "status": status, "error": error}
+    row.update(config_columns(s.cfg, nnodes=s.ctx.nnodes, device_type=s.ctx.device.type,
+                              device_name=device_name(s.ctx.device)))
+    row.update(extra, epochs=len(s.trainer.history))
+    try:
+        write_json_atomic(s.out / "result.json", row)
+    except OSError:
+        pass  # the run's own error says more than a row we cannot write
 
 
 def _write(s: _Setup, res: TrainResult, extra: dict[str, Any],

@@ -114,6 +114,29 @@ def step_budget(cfg: RunConfig, micro_batches_per_epoch: int) -> tuple[int, int]
     return per_epoch, tc.epochs * max(1, per_epoch)
 
 
+# Steps between the checks for a non-finite loss while training the accuracy budget
+# (each check is one host sync and one tiny all-reduce); a throughput window is checked
+# at its end, so no sync enters the timed steps.
+DIVERGENCE_CHECK_STEPS = 4
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: the run stops with status ``diverged``.
+
+    Attributes:
+        step: the optimizer step by which it was seen.
+        last_finite_loss: the last finite step loss before it (``None``: none was).
+    """
+
+    def __init__(self, step: int, last_finite_loss: float | None) -> None:
+        self.step, self.last_finite_loss = step, last_finite_loss
+        last = "none" if last_finite_loss is None else f"{last_finite_loss:.4g}"
+        super().__init__(f"diverged: the training loss is not finite by step {step} (last "
+                         f"finite loss {last}); lower --lr, or use --precision fp32 / a "
+                         "loss scale; checkpoints of earlier epochs are kept, none of this "
+                         "one is written")
+
+
 class Trainer:
     """Train and validate one configuration.
 
@@ -154,6 +177,13 @@ class Trainer:
         self.train_time_s = 0.0
         self.time_to_target_s: float | None = None
         self._step_losses: list[torch.Tensor] = []
+        self._unchecked: list[torch.Tensor] = []  # step losses since the last check
+        self._last_finite: float | None = None
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (in the current phase)."""
+        return getattr(self, "_step", 0)
 
     # -- helpers --------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
@@ -320,7 +350,13 @@ class Trainer:
                 loss_acc[1] += loss.numel()
                 if accuracy or self.cfg.mode == "throughput":
                     self._step_losses.extend(loss.unbind())
+                self._unchecked.append(loss)
+                if accuracy and len(self._unchecked) >= DIVERGENCE_CHECK_STEPS:
+                    with timer.paused():
+                        self._check_finite()
             self._epoch += 1
+            with timer.paused():
+                self._check_finite()  # before anything of this epoch is saved
             last = self._step >= total_steps
             if not accuracy and not checkpoints:
                 continue  # a throughput window after training: nothing to record
@@ -355,6 +391,26 @@ class Trainer:
                 break
         if do_val and not result.metrics:
             result.metrics, result.confusion = self._validate_phase()
+
+    def _check_finite(self) -> None:
+        """Raise :class:`Diverged` on every rank if any rank's loss since the last check
+        is not finite (one all-reduce: the ranks stop together, none waits in a
+        collective)."""
+        if not self._unchecked:
+            return
+        losses = torch.cat([t.reshape(-1) for t in self._unchecked])
+        self._unchecked = []
+        bad = (~torch.isfinite(losses)).sum().reshape(1).double()
+        all_reduce_sum(bad)
+        host = losses.cpu()
+        if bad.item() == 0:
+            self._last_finite = float(host[-1])
+            return
+        bad_here = (~torch.isfinite(host)).nonzero()
+        # (Another rank's loss may be the bad one: then all of ours were finite.)
+        before = host[:int(bad_here[0])] if len(bad_here) else host
+        last = float(before[-1]) if len(before) else self._last_finite
+        raise Diverged(self._step, last)
 
     def _validate_phase(self) -> tuple[dict[str, Any], torch.Tensor]:
         """:meth:`validate`, its memory peak kept apart from the training steps'."""
