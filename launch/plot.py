@@ -43,12 +43,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from segcore.results import report
 
-    if len(folders) == 1:
-        path = report.write_report(folders[0], out=a.out)
-        plots_dir = path.parent / "plots"
-    else:
-        path = report.write_compare(folders, Path(a.out or "compare"))
-        plots_dir = path.parent
+    try:
+        if len(folders) == 1:
+            path = report.write_report(folders[0], out=a.out)
+            plots_dir = path.parent / "plots"
+        else:
+            path = report.write_compare(folders, Path(a.out or "compare"))
+            plots_dir = path.parent
+    except OSError as e:
+        print(f"error: cannot write {e.filename or 'the report'} ({e.strerror or e}); "
+              "pass --out with a writable folder (the results are unchanged)",
+              file=sys.stderr)
+        return 1
     print(f"wrote {path} and figures in {plots_dir}")
     for f in folders:
         print(summary(f))

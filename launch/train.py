@@ -28,8 +28,10 @@ from segcore.faults import (die_with_parent, handle_sigterm, interruption,  # no
 from segcore.train.checkpoint import CheckpointError, load_for_resume  # noqa: E402
 from segcore.train.trainer import Diverged  # noqa: E402
 
-# Exit codes besides 0 and 1: what the sweep's failure rows are told apart by.
-EXIT_CONFIG, EXIT_OOM, EXIT_NO_SPACE, EXIT_DIVERGED = 2, 3, 4, 5
+# Exit codes besides 0 and 1: what the sweep's failure rows are told apart by (4: the
+# outputs could not be written, a failure of the environment that --resume runs again).
+EXIT_CONFIG, EXIT_OOM, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3, 4, 5
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
 _parent_at_start = os.getppid()
 
@@ -153,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}error: no space left on the device writing "
                   f"{e.filename or 'the outputs'}; free space or choose another --out "
                   "(files already written are kept)", file=sys.stderr, flush=True)
-            return EXIT_NO_SPACE
+            return EXIT_OUTPUT
+        if isinstance(e, OSError) and e.errno in _UNWRITABLE:
+            print(f"{prefix}error: cannot write {e.filename or 'the outputs'} "
+                  f"({e.strerror}); make the folder writable or choose another --out "
+                  "(files already written are kept)", file=sys.stderr, flush=True)
+            return EXIT_OUTPUT
         print(f"{prefix}error: {type(e).__name__}: {one_line(e)}", file=sys.stderr, flush=True)
         raise
     return 0

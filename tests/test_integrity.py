@@ -418,3 +418,105 @@ def test_sigterm_to_train_py_is_ctrl_c_with_a_row_and_the_resume_command(tmp_pat
     row = json.loads((out / "result.json").read_text())
     assert row["status"] == "interrupted" and row["rerun_on_resume"]
     assert (out / "last.pt").is_file()  # the epochs done are kept for --resume
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A read-only bind mount of an empty folder (skipped where mounts are not allowed)."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    ok = subprocess.run(["mount", "--bind", str(src), str(ro)], capture_output=True)
+    if ok.returncode != 0:
+        pytest.skip(f"bind mounts not allowed here: {ok.stderr.decode().strip()}")
+    try:
+        if subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("read-only remount not allowed here")
+        yield src, ro
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_train_into_a_read_only_folder_is_one_line(readonly_dir, env):
+    _, ro = readonly_dir
+    p = run([sys.executable, TRAIN, "--widths", "8,16", "--image-size", "32",
+             "--synthetic-images", "12", "--mode", "throughput", "--steps", "1",
+             "--out", str(ro / "run")], env, timeout=120)
+    assert p.returncode == 4, p.stderr[-2000:]
+    last = [ln for ln in p.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("error: cannot write") and "Read-only file system" in last
+    assert "Traceback" not in p.stderr
+
+
+def test_plot_into_a_read_only_folder_is_one_line(readonly_dir, capsys):
+    import importlib
+    import shutil
+
+    src, ro = readonly_dir
+    shutil.copytree(ROOT / "results" / "cpu-2c-amd-epyc-engines", src / "f",
+                    ignore=shutil.ignore_patterns("plots", "report.md"))
+    plot_cli = importlib.import_module("launch.plot")
+    assert plot_cli.main([str(ro / "f")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "--out" in err and "Traceback" not in err
+    assert plot_cli.main([str(ro / "f"), "--out", str(src / "elsewhere")]) == 0
+
+
+def test_a_folder_that_stops_taking_rows_keeps_them_and_the_sweep_goes_on(tmp_path,
+                                                                          monkeypatch):
+    from segcore.results import rows as rows_mod
+    from segcore.sweep import driver
+    from segcore.sweep.grid import SweepSpec
+
+    spec = SweepSpec(workers=[1], batch_sizes=[2, 4, 8], depths=[2], engines=["ddp"],
+                     loaders=["torch"], precisions=["fp32"], channels_last=[True],
+                     image_size=32)
+
+    def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
+        (out / "result.json").write_text(json.dumps(
+            {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("ok")
+        return 0, False
+
+    real = rows_mod.append_row
+
+    def immutable_after_one(folder, row):
+        if read_records(folder):
+            raise OSError(errno.EPERM, "Operation not permitted", str(folder))
+        return real(folder, row)
+
+    monkeypatch.setattr(driver, "run_job", fake_job)
+    monkeypatch.setattr(rows_mod, "append_row", immutable_after_one)
+    monkeypatch.setattr(driver, "_fallback_rows", lambda out: tmp_path / "kept.jsonl")
+    lines: list[str] = []
+    with pytest.raises(ConfigError, match=r"2 row\(s\) could not be written.*kept in"):
+        driver.run_sweep(spec, tmp_path / "s", "sid", log=lines.append, argv=["x"])
+    assert len(read_records(tmp_path / "s")) == 1
+    kept = [json.loads(ln) for ln in (tmp_path / "kept.jsonl").read_text().splitlines()]
+    assert [r["run_id"] for r in kept] == ["w1-six-u1632-b4-ddp-torch-fp32-cl",
+                                           "w1-six-u1632-b8-ddp-torch-fp32-cl"]
+    assert sum("could not be written" in ln for ln in lines) == 2
+
+
+def test_a_failed_torch_save_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from segcore.train import checkpoint
+
+    def fail(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . "
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    with pytest.raises(OSError) as e:
+        checkpoint.save_checkpoint({"x": 1}, tmp_path / "last.pt")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "last.pt")
+    assert not list(tmp_path.iterdir())  # no temp file left

@@ -32,7 +32,7 @@ from segcore.faults import interruption
 from segcore.fmt import fmt
 from segcore.io import hold_folder
 from segcore.sweep.grid import Job, SweepSpec, expand
-from segcore.sweep.jobs import (EXIT_NO_SPACE, child_env, classify_failure, config_path,
+from segcore.sweep.jobs import (EXIT_OUTPUT, child_env, classify_failure, config_path,
                                 failure_row, job_command, run_job)
 
 Log = Callable[[str], None]
@@ -362,7 +362,7 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
         row = _job_row(job, rc, timed_out, run_dir, log_path, sweep_id, spec.nnodes,
                        dev_type, dev_name, t0)
         row["wall_s"] = dt
-        if rc == EXIT_NO_SPACE or "no space left" in str(row.get("error", "")).lower():
+        if rc == EXIT_OUTPUT or "no space left" in str(row.get("error", "")).lower():
             row["rerun_on_resume"] = True  # the environment's fault: resume runs it again
         _record(out_dir, row, job.run_id in again, unwritten, log)
         log(f"[{i}/{len(todo)}] {row['status']:7s} {job.run_id}  "

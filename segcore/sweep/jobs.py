@@ -19,8 +19,9 @@ from typing import Any
 from segcore.config import ConfigError
 from segcore.faults import die_with_parent
 
-# launch/train.py's exit code for a full disk (its EXIT_NO_SPACE).
-EXIT_NO_SPACE = 4
+# launch/train.py's exit code when its outputs could not be written (a full disk, a
+# read-only folder: its EXIT_OUTPUT).
+EXIT_OUTPUT = 4
 from segcore.host import is_launcher_var
 from segcore.sweep.grid import Job
 

@@ -13,6 +13,7 @@ all read and write through this module.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,8 +33,20 @@ class CheckpointError(ValueError):
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` through :func:`segcore.io.atomic_file`: a killed or failing write
     (a full disk) leaves the previous checkpoint in place and no temporary file behind."""
-    with atomic_file(path) as f:
-        torch.save(state, f)
+    try:
+        with atomic_file(path) as f:
+            torch.save(state, f)
+    except RuntimeError as e:
+        # torch.save reports a failed write as RuntimeError ("PytorchStreamWriter failed
+        # writing file ..."): the OSError it hides is said as one.
+        if "failed writing" not in str(e) and "write failed" not in str(e):
+            raise
+        import errno
+        import shutil
+
+        free = shutil.disk_usage(Path(path).parent).free
+        code = errno.ENOSPC if free < 64 << 20 else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def strip_wrapper_prefixes(sd: Mapping[str, Any]) -> dict[str, Any]:
