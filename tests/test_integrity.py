@@ -520,3 +520,31 @@ def test_a_failed_torch_save_is_an_os_error_naming_the_file(tmp_path, monkeypatc
         checkpoint.save_checkpoint({"x": 1}, tmp_path / "last.pt")
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "last.pt")
     assert not list(tmp_path.iterdir())  # no temp file left
+
+
+def test_damaged_images_in_data_are_named_skipped_and_counted(tmp_path, env):
+    """A zero-byte and a truncated JPEG in --data: one line each naming the file; the
+    run skips them and counts them in its row; --strict stops before training."""
+    import shutil
+
+    from segcore.data.synthetic import write_dataset
+
+    data = tmp_path / "sdd"
+    write_dataset(data, 14, 64, 96, seed=0)
+    photos = sorted((data / "original_images").iterdir())
+    photos[0].write_bytes(b"")
+    raw = photos[1].read_bytes()
+    photos[1].write_bytes(raw[:len(raw) // 2])
+    base = [sys.executable, TRAIN, "--data", str(data), "--widths", "8,16", "--image-size",
+            "32", "--batch-size", "2", "--mode", "throughput", "--steps", "1",
+            "--warmup-steps", "0"]
+    p = run(base + ["--out", str(tmp_path / "run")], env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    skipped = [ln for ln in p.stdout.splitlines() if ln.startswith("warning: skipped:")]
+    assert len(skipped) == 2 and str(photos[0]) in skipped[0] + skipped[1]
+    assert str(photos[1]) in skipped[0] + skipped[1] and "Traceback" not in p.stderr
+    row = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert row["status"] == "ok" and row["skipped_pairs"] == 2
+    p = run(base + ["--strict", "--out", str(tmp_path / "strict")], env, timeout=120)
+    assert p.returncode == 2 and str(photos[0]) in p.stderr and str(photos[1]) in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "strict" / "result.json").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from segcore.config import ConfigError, RunConfig, check_resolved, dump_config, 
 from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
                                   default_num_workers, make_eval_loader, make_train_loader)
-from segcore.data.layouts import DatasetIndex, discover
+from segcore.data.layouts import DatasetIndex, discover, validate
 from segcore.dist import DistContext, gather_objects, init_distributed, teardown
 from segcore.faults import interruption
 from segcore.model import build_model, check_input_size, valid_side_at_most
@@ -41,7 +42,10 @@ def device_name(device: torch.device) -> str:
 
 
 def resolve_dataset(cfg: RunConfig, ctx: DistContext, log: Log) -> DatasetIndex:
-    """The dataset index; the synthetic set is generated once (by the primary rank)."""
+    """The dataset index; the synthetic set is generated once (by the primary rank). A
+    dataset folder's files are checked before training (a zero-byte, truncated or corrupt
+    image or mask, a size mismatch): each bad pair is named on one line and skipped, and
+    counted in the row (``skipped_pairs``), or, with ``--strict``, stops the run."""
     d = cfg.data
     if d.source == "synthetic":
         from segcore.data.synthetic import default_root, write_dataset
@@ -57,7 +61,13 @@ def resolve_dataset(cfg: RunConfig, ctx: DistContext, log: Log) -> DatasetIndex:
         if ctx.distributed:
             torch.distributed.barrier()
         return discover(root, strict=d.strict)
-    return discover(d.source, strict=d.strict)
+    with warnings.catch_warnings(record=True):  # said below, one line per file
+        warnings.simplefilter("always")
+        index = discover(d.source, strict=d.strict)
+        validate(index, check_values=False, strict=d.strict)
+    for problem in index.problems:
+        log(f"warning: skipped: {problem}")
+    return index
 
 
 def class_weights_from(ds: SegDataset, num_classes: int) -> torch.Tensor:
@@ -269,6 +279,7 @@ class _Setup:
     out: Path
     scheme: ClassScheme
     conditions: dict[str, Any]
+    index: DatasetIndex
     train_loader: Any
     val_loader: Any
     engine: Any
@@ -377,8 +388,8 @@ def _setup(cfg: RunConfig, ctx: DistContext, say: Log,
         trainer.resume(resume_state)
     if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
         dump_config(cfg, out / "config.toml")
-    return _Setup(cfg, ctx, out, scheme, cond, train_loader, val_loader, engine, trainer,
-                  flops)
+    return _Setup(cfg, ctx, out, scheme, cond, index, train_loader, val_loader, engine,
+                  trainer, flops)
 
 
 def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
@@ -403,6 +414,7 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
     memory = _gather_memory(ctx, nvml_stats, baseline, s.trainer.memory.result(), dali_mb)
     extra = {**memory, **s.conditions, "loader_workers": getattr(loader, "num_workers", None),
              "dist_backend": ctx.backend, "wall_s": wall,
+             "skipped_pairs": len(s.index.problems),
              "first_step_unix": res.first_step_unix}
     return res, extra
 
