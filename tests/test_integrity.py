@@ -548,3 +548,21 @@ def test_damaged_images_in_data_are_named_skipped_and_counted(tmp_path, env):
     p = run(base + ["--strict", "--out", str(tmp_path / "strict")], env, timeout=120)
     assert p.returncode == 2 and str(photos[0]) in p.stderr and str(photos[1]) in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "strict" / "result.json").exists()
+
+
+def test_resume_refuses_a_dataset_re_prepared_at_the_same_path(tmp_path):
+    from segcore.data.synthetic import write_dataset
+    from segcore.sweep.driver import _record_start, check_resume_spec
+    from segcore.sweep.grid import SweepSpec
+
+    data = tmp_path / "sdd"
+    write_dataset(data, 8, 64, 96, seed=0)
+    spec = SweepSpec(workers=[1], batch_sizes=[2], depths=[2], engines=["ddp"],
+                     loaders=["torch"], precisions=["fp32"], channels_last=[True],
+                     data=str(data))
+    _record_start(tmp_path / "s", spec, "sid", ["x"], resume=False)
+    assert check_resume_spec(tmp_path / "s", spec) == "sid"
+    photo = sorted((data / "original_images").iterdir())[0]
+    photo.write_bytes(photo.read_bytes() + b"\0" * 100)  # another preparation
+    with pytest.raises(ConfigError, match=r"dataset .* changed since this sweep started"):
+        check_resume_spec(tmp_path / "s", spec)

@@ -117,6 +117,20 @@ class DatasetIndex:
     class_csv: Path | None = None
     manifest: dict[str, Any] | None = None
 
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data without decoding it: a hash of every pair's names and
+        byte sizes (and of the manifest, for a prepared cache), and the pair count. A
+        dataset re-prepared at the same path gets another one."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if self.manifest is not None:
+            h.update(json.dumps(self.manifest, sort_keys=True).encode())
+        for s in self.samples:
+            for p in (s.image, s.mask):
+                h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+        return {"data_fingerprint": h.hexdigest()[:16], "data_pairs": len(self.samples)}
+
     # -- splits -------------------------------------------------------------------------
     def split(self, test_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
         """(train, test) samples: deterministic per seed (see ``split_samples``).

@@ -24,6 +24,7 @@ import shutil
 import socket
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -103,11 +104,33 @@ def check_resume_spec(out_dir: Path, spec: SweepSpec) -> str:
     diffs = [f"{k}: recorded {old.get(k)!r}, now {new.get(k)!r}"
              for k in sorted(set(old) | set(new))
              if k not in SweepSpec.TRANSPORT and old.get(k) != new.get(k)]
+    now, then = data_fingerprint(spec), saved.get("data")
+    if then is not None and now is not None and now != then:
+        raise ConfigError(
+            f"--resume: the dataset {spec.data} changed since this sweep started "
+            f"(fingerprint {then['data_fingerprint']} of {then['data_pairs']} pairs, now "
+            f"{now['data_fingerprint']} of {now['data_pairs']}): its rows would mix two "
+            "datasets. Start a new sweep with another --out, or restore the data")
     if diffs:
         raise ConfigError(f"--resume: the flags describe another grid than {out_dir} holds: "
                           + "; ".join(diffs) + ". Resume with the original flags, or start "
                           "a new sweep with another --out")
     return saved["sweep_id"]
+
+
+def data_fingerprint(spec: SweepSpec) -> dict[str, Any] | None:
+    """The sweep's dataset fingerprint (names and sizes, no decode); ``None`` for the
+    built-in synthetic scenes, which the code makes the same every time."""
+    from segcore.data.layouts import DatasetError, discover
+
+    if spec.data == "synthetic":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the jobs report the files they skip
+            return discover(spec.data).fingerprint()
+    except (DatasetError, OSError) as e:
+        raise ConfigError(f"--data {spec.data}: {e}") from None
 
 
 def recorded_ids(out_dir: Path) -> set[str]:
@@ -273,7 +296,8 @@ def _record_start(out_dir: Path, spec: SweepSpec, sweep_id: str, argv: list[str]
     from segcore.io import write_json_atomic
 
     if not resume:
-        write_json_atomic(out_dir / SPEC, {"sweep_id": sweep_id, "spec": spec.to_dict()})
+        write_json_atomic(out_dir / SPEC, {"sweep_id": sweep_id, "spec": spec.to_dict(),
+                                           "data": data_fingerprint(spec)})
     env_path = out_dir / "env.json"
     commands: list[dict[str, Any]] = []
     if env_path.is_file():

@@ -415,6 +415,8 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
     extra = {**memory, **s.conditions, "loader_workers": getattr(loader, "num_workers", None),
              "dist_backend": ctx.backend, "wall_s": wall,
              "skipped_pairs": len(s.index.problems),
+             "data_source": "synthetic" if s.cfg.data.source == "synthetic"
+             else str(s.index.root), **s.index.fingerprint(),
              "first_step_unix": res.first_step_unix}
     return res, extra
 
