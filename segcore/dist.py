@@ -1,7 +1,8 @@
 """Process-group setup and teardown, returning one small value object.
 
-Reads the torchrun environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-``LOCAL_WORLD_SIZE``, ``GROUP_WORLD_SIZE``/``NNODES``); without it the run is a plain
+Reads the launcher's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, and the
+processes per node and node count: torchrun's ``LOCAL_WORLD_SIZE``/``GROUP_WORLD_SIZE``,
+the DeepSpeed launcher's ``LOCAL_SIZE``/``CROSS_SIZE``); without it the run is a plain
 single process and no process group is created. NCCL on CUDA (one GPU per local rank),
 gloo on CPU. Collectives get a finite timeout so a dead peer fails the job instead of
 hanging it.
@@ -75,8 +76,11 @@ def init_distributed(timeout_s: float = 600.0, threads: int | None = None,
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    nnodes = _env_int("GROUP_WORLD_SIZE", 0) or max(1, world // max(1, local_world))
+    # torchrun: LOCAL_WORLD_SIZE / GROUP_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE /
+    # CROSS_SIZE. Threads and loader workers are sized from the processes on this node.
+    local_world = _env_int("LOCAL_WORLD_SIZE", 0) or _env_int("LOCAL_SIZE", world)
+    nnodes = (_env_int("GROUP_WORLD_SIZE", 0) or _env_int("CROSS_SIZE", 0)
+              or max(1, world // max(1, local_world)))
     use_cuda = torch.cuda.is_available() and force_device != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

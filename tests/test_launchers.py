@@ -84,3 +84,25 @@ def test_local_rank_flag_accepted_and_the_environment_wins(tmp_path, monkeypatch
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert cli.main(["--local-rank", "1", "--out", str(tmp_path / "b")]) == 0
     assert seen[-1] == "0"  # the environment's LOCAL_RANK wins
+
+
+def test_deepspeed_launcher_sizes_threads_and_nodes_per_node(monkeypatch):
+    """Two nodes of two workers under the DeepSpeed launcher (LOCAL_SIZE / CROSS_SIZE):
+    threads come from this node's workers, and the row's nnodes is 2, not 1."""
+    import torch
+
+    from segcore.dist import init_distributed
+    from segcore.host import usable_cores
+
+    for k in ("LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_SIZE": "2",
+                 "CROSS_SIZE": "2", "CROSS_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    try:
+        ctx = init_distributed(force_device="cpu")  # no MASTER_ADDR: no group is made
+        assert (ctx.world_size, ctx.local_world_size, ctx.nnodes) == (4, 2, 2)
+        assert torch.get_num_threads() == max(1, usable_cores() // 2)
+    finally:
+        torch.set_num_threads(before)
