@@ -256,3 +256,27 @@ def test_deepspeed_checkpoint_restores_optimizer_and_schedule(deepspeed_cpu, tmp
         assert r["c"] == pytest.approx(r["d"], rel=1e-6, abs=1e-7)
         assert r["c"] != pytest.approx(r["a"], rel=1e-4)  # fresh moments: another path
     assert ranks[0]["shards"] == (1 if stage == 0 else 2)
+
+
+def test_a_rebuild_of_deepspeeds_op_is_announced_when_it_starts(tmp_path):
+    """The op left by another environment is rebuilt without any sign but the builder's
+    lock file: the watch says so as the build starts, once."""
+    import threading
+    import time
+
+    from segcore.train.engines.deepspeed import build_watch
+
+    said: list[str] = []
+    with build_watch(tmp_path, said.append, poll_s=0.05):
+        time.sleep(0.2)
+        assert said == []  # nothing built: nothing said
+        (tmp_path / "lock").touch()  # torch.utils.cpp_extension starts compiling
+        deadline = time.time() + 5
+        while not said and time.time() < deadline:
+            time.sleep(0.05)
+    assert len(said) == 1 and "compiling its CPU communication op" in said[0]
+    assert str(tmp_path) in said[0]
+    said.clear()
+    with build_watch(tmp_path, said.append, said=True, poll_s=0.05):  # announced already
+        time.sleep(0.2)
+    assert said == [] and threading.active_count() >= 1

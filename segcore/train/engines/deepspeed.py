@@ -24,9 +24,10 @@ import enum
 import inspect
 import json
 import os
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -51,12 +52,11 @@ def import_deepspeed(device: torch.device):
     return deepspeed
 
 
-def shm_op_to_build(ds_mod) -> Path | None:
-    """The folder DeepSpeed will compile its CPU communication op into during
-    ``deepspeed.initialize``, or ``None`` when nothing is compiled (not on the CPU
-    accelerator, op not usable here, installed prebuilt, or compiled by an earlier run:
-    ``torch.utils.cpp_extension`` caches it per machine, under ``$TORCH_EXTENSIONS_DIR``
-    or ``~/.cache/torch_extensions``)."""
+def shm_op_build_dir(ds_mod) -> Path | None:
+    """The folder DeepSpeed compiles its CPU communication op into during
+    ``deepspeed.initialize`` (``torch.utils.cpp_extension`` caches it per machine, under
+    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``), or ``None`` when it never
+    compiles one here (not on the CPU accelerator, op not usable, installed prebuilt)."""
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator()._name != "cpu" or not ds_mod.ops.__compatible_ops__.get(SHM_OP):
@@ -67,10 +67,52 @@ def shm_op_to_build(ds_mod) -> Path | None:
         return None
     try:
         from torch.utils.cpp_extension import _get_build_directory
-        folder = Path(_get_build_directory(SHM_OP, verbose=False))
+        return Path(_get_build_directory(SHM_OP, verbose=False))
     except (ImportError, OSError, TypeError):  # a private helper: its shape may change
         return None
-    return None if (folder / f"{SHM_OP}.so").is_file() else folder
+
+
+def shm_op_to_build(ds_mod) -> Path | None:
+    """:func:`shm_op_build_dir` when no compiled op is there yet (a first build)."""
+    folder = shm_op_build_dir(ds_mod)
+    return None if folder is None or (folder / f"{SHM_OP}.so").is_file() else folder
+
+
+BUILD_NOTICE = (f"DeepSpeed: compiling its CPU communication op ({SHM_OP}: shared-memory "
+                "collectives between the workers of a machine); this happens once per "
+                "machine (and again when another environment, another torch or Python, "
+                "built it last) and takes up to ~2 minutes (42-128 s measured on 2 cores); "
+                "later runs reuse {folder}")
+
+
+@contextlib.contextmanager
+def build_watch(folder: Path | None, log: Callable[[str], None], said: bool = False,
+                poll_s: float = 0.5) -> Iterator[list[bool]]:
+    """Say so when a build of the op starts in ``folder`` while the block runs: torch's
+    extension builder holds a ``lock`` file there while it compiles, which a rebuild
+    (the op left by another environment) does without any other sign. ``said``: the
+    notice was given already (a first build, known in advance). Yields ``[built]``:
+    whether a build was announced (in advance or by the watch)."""
+    announced = [said]
+    if folder is None or said:
+        yield announced
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            if (folder / "lock").exists():
+                log(BUILD_NOTICE.format(folder=folder))
+                announced[0] = True
+                return
+
+    t = threading.Thread(target=watch, name="segbench-ds-build-watch", daemon=True)
+    t.start()
+    try:
+        yield announced
+    finally:
+        stop.set()
+        t.join()
 
 
 def _plain(state: Any) -> Any:
@@ -159,15 +201,14 @@ class DeepSpeedEngine(Engine):
         scheduler = make_schedule(optimizer, cfg, total_steps)
         build_dir = shm_op_to_build(ds_mod)
         if build_dir is not None:
-            log(f"DeepSpeed: compiling its CPU communication op ({SHM_OP}: shared-memory "
-                "collectives between the workers of a machine); this happens once per "
-                "machine and takes up to ~2 minutes (42-128 s measured on 2 cores); later "
-                f"runs reuse {build_dir}")
+            log(BUILD_NOTICE.format(folder=build_dir))
         t0 = time.perf_counter()
-        engine, self.optimizer, _, self.scheduler = ds_mod.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
-        if build_dir is not None:
+        with build_watch(shm_op_build_dir(ds_mod), log,
+                         said=build_dir is not None) as built:
+            engine, self.optimizer, _, self.scheduler = ds_mod.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                config=self.ds_config, dist_init_required=False)
+        if built[0]:
             log(f"DeepSpeed: communication op ready ({time.perf_counter() - t0:.0f} s)")
         self.model = engine
         # The bare module under torch.compile: state dicts without "_orig_mod." keys.
