@@ -139,6 +139,13 @@ Root Cause (first observed failure):
     (1, "blah\n[rank 1] error: RuntimeError: boom\nTraceback", False, "failed", "boom"),
     (-1, "", True, "timeout", "--timeout"),
     (1, "no error line here", False, "failed", "exit code 1"),
+    # a signal to rank 1: rank 0 then fails in a collective, but rank 1 is the cause
+    (1, "[rank 0] error: RuntimeError: Connection closed by peer\n"
+        + KILLED_LOG.replace("-9 (pid", "-15 (pid").replace("Signal 9 (SIGKILL)", "Signal 15"),
+     False, "failed", "rank 1 was stopped by SIGTERM (exit code -15)"),
+    (1, "[rank 0] error: RuntimeError: Connection closed by peer\n[rank 1] interrupted "
+        "(SIGTERM): checkpoints kept\n" + KILLED_LOG.replace("-9 (pid", "130 (pid"),
+     False, "failed", "rank 1: interrupted (SIGTERM)"),
 ])
 def test_failure_classification(rc, text, timed_out, status, words):
     got, msg = classify_failure(rc, text, timed_out)

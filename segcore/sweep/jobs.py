@@ -128,11 +128,33 @@ def classify_failure(rc: int, log_text: str, timed_out: bool) -> tuple[str, str]
     if killed is not None or rc in (-9, 137):
         who = f"rank {killed}" if killed is not None else "the job"
         return "oom", f"{who} was killed (SIGKILL), likely out of memory"
+    cause = _root_cause(log_text)
+    if cause is not None:  # torchrun names the rank that failed first: its cause is the row's
+        rank, code = cause
+        own = [ln for ln in lines if re.match(rf"\[rank {rank}\] (error|interrupted)", ln)]
+        if own:
+            return "failed", re.sub(r"^\[rank (\d+)\] (error: )?", r"rank \1: ", own[0])[:500]
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return "failed", f"rank {rank} was stopped by {name} (exit code {code})"
     if errors:
         # The console adds its own "error:"; keep the rank prefix.
         return "failed", re.sub(r"^(\[rank \d+\] )?error: ", r"\1", errors[0])[:500]
     tail = " | ".join(lines[-3:]) if lines else "(no output)"
     return "failed", f"exit code {rc}: {tail}"[:500]
+
+
+_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?"
+                         r"exitcode\s*:\s*(-?\d+)", re.IGNORECASE | re.DOTALL)
+
+
+def _root_cause(log_text: str) -> tuple[int, int] | None:
+    """(rank, exit code) of the first failed rank in torchrun's failure report."""
+    m = _ROOT_CAUSE.search(log_text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 def _killed_rank(log_text: str) -> int | None:
