@@ -759,3 +759,31 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--checkpoint", ckpt, "--images", tmp_path / "imgs",
                          "--out", tmp_path / "o", "--tile", 64)
     assert rc == 2 and "non-finite weights" in one_error_line(err) and "diverged" in err
+
+
+def test_a_png_whose_data_ends_before_its_header_says_is_skipped(tmp_path, capsys):
+    """A header that promises 96x64 with data for 20 rows decoded without error (the rest
+    zeros) and was predicted as a whole photo: now one line naming it, and skipped."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    photo, _ = scene("six", SCENES["six"])
+    imgs = tmp_path / "imgs"
+    save_png(imgs / "a_good.png", photo)
+    h, w = photo.shape[:2]
+    rows = b"".join(b"\0" + photo[r].tobytes() for r in range(20))
+    (imgs / "b_short.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    out = tmp_path / "out"
+    rc, _, err = run_cli(capsys, "--checkpoint", colour_checkpoint(tmp_path / "c.pt", "six"),
+                         "--images", imgs, "--out", out, "--tile", 64)
+    assert rc == 0 and "Traceback" not in err
+    skip = [ln for ln in err.splitlines() if ln.startswith("skipped")]
+    assert len(skip) == 1 and "b_short.png" in skip[0]
+    assert f"holds 20 of the {h} rows" in skip[0]
+    assert list(read_csv(out).index) == ["a_good.png", "ALL"]

@@ -138,6 +138,8 @@ def read_image(path: str | Path, max_pixels: int = 400_000_000) -> np.ndarray:
             if im.mode in _HIGH_DEPTH_MODES:
                 raise ImageReadError(f"{im.mode} pixels (more than 8 bits) are not "
                                      "supported; convert to 8-bit RGB")
+            if im.format == "PNG":
+                _check_png_rows(path, w, h)
             # Same conversion as DatasetIndex.load_image, so inputs match training;
             # np.array (not asarray) gives a writable array torch can wrap.
             return np.array(im.convert("RGB"))
@@ -146,6 +148,52 @@ def read_image(path: str | Path, max_pixels: int = 400_000_000) -> np.ndarray:
     except _DECODE_ERRORS as e:
         raise ImageReadError(f"cannot decode ({type(e).__name__}: "
                              f"{one_line(e, 200)})") from None
+
+
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def _check_png_rows(path: Path, w: int, h: int) -> None:
+    """A PNG whose compressed data ends early (a header that promises 6000x4000, data for
+    20 rows) decodes without error, the missing rows filled with zeros: count the rows
+    its data holds (decompressed in 1 MiB pieces, nothing kept) against the header's.
+
+    Raises:
+        ImageReadError: fewer rows than the header says.
+    """
+    import struct
+    import zlib
+
+    with open(path, "rb") as f:
+        f.read(8)
+        d = zlib.decompressobj()
+        out = 0
+        row_bytes = None
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                break
+            n, kind = struct.unpack(">I4s", head)
+            data = f.read(n)
+            f.read(4)  # CRC (PIL checked the chunks it read)
+            if kind == b"IHDR":
+                depth, ctype, interlace = data[8], data[9], data[12]
+                if interlace:  # Adam7 passes have another size: leave it to PIL
+                    return
+                bits = _PNG_CHANNELS.get(ctype, 1) * depth
+                row_bytes = 1 + (w * bits + 7) // 8
+            elif kind == b"IDAT":
+                piece = d.decompress(data, 1 << 20)
+                out += len(piece)
+                while d.unconsumed_tail:
+                    piece = d.decompress(d.unconsumed_tail, 1 << 20)
+                    out += len(piece)
+            elif kind == b"IEND":
+                break
+        out += len(d.flush())
+    if row_bytes and out < h * row_bytes:
+        raise ImageReadError(f"its data holds {out // row_bytes} of the {h} rows its header "
+                             "promises (truncated or damaged)")
 
 
 def read_truth(path: str | Path, sch: ClassScheme, kind: str = "target",
