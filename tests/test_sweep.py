@@ -247,3 +247,51 @@ def test_tiny_sweep_end_to_end_with_a_failing_configuration_and_resume(tmp_path,
     # without --resume an existing folder is refused, not overwritten
     p = sweep(args, env)
     assert p.returncode == 2 and "--resume" in p.stderr
+
+
+def test_other_nodes_run_the_writer_nodes_plan_and_write_nothing(tmp_path, monkeypatch):
+    """Node 1 of a resumed 2-node sweep: it waits for node 0's plan, runs exactly its
+    configurations under the folder's sweep id (so both meet at one rendezvous), and
+    writes nothing into the shared folder."""
+    import threading
+
+    from segcore.sweep import driver
+    from segcore.sweep.driver import SweepInterrupted
+
+    s = spec(workers=[1], batch_sizes=[2, 4], nnodes=2, rdzv_endpoint="node0:31000")
+    out = tmp_path / "s"
+    cmds: dict[str, list[list[str]]] = {"writer": [], "other": []}
+
+    def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
+        who = "writer" if keep_fds else "other"
+        cmds[who].append(cmd)
+        if who == "writer":
+            if "b4" in cmd[cmd.index("--run-id") + 1] and len(cmds["writer"]) == 2:
+                raise KeyboardInterrupt  # the first launch is cut (SIGTERM) at batch 4
+            run_dir = Path(cmd[cmd.index("--out") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
+            (run_dir / "result.json").write_text(json.dumps(
+                {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
+        return 0, False
+
+    monkeypatch.setattr(driver, "run_job", fake_job)
+    monkeypatch.setattr(driver, "_measure_interconnect", lambda *a: None)
+    monkeypatch.setenv("SLURM_JOB_ID", "100")
+    with pytest.raises(SweepInterrupted):
+        driver.run_sweep(s, out, "folder-id", log=lambda m: None, argv=["x"])
+    # The resubmitted job: another job id, and its own sweep id on the command line.
+    monkeypatch.setenv("SLURM_JOB_ID", "200")
+    cmds["writer"].clear()
+    configs = {p.name: p.read_bytes() for p in (out / "configs").iterdir()}
+    node1 = threading.Thread(target=driver.run_sweep, args=(s, out, "slurm-200"),
+                             kwargs=dict(is_writer=False, log=lambda m: None))
+    node1.start()
+    driver.run_sweep(s, out, "slurm-200", resume=True, log=lambda m: None, argv=["x"])
+    node1.join(30)
+    assert not node1.is_alive()
+    assert len(cmds["writer"]) == 1 and cmds["other"] == cmds["writer"]  # one rendezvous
+    assert "b4" in cmds["other"][0][cmds["other"][0].index("--run-id") + 1]
+    assert cmds["other"][0][cmds["other"][0].index("--sweep-id") + 1] == "folder-id"
+    assert {p.name: p.read_bytes() for p in (out / "configs").iterdir()} == configs
+    assert [r["status"] for r in read_records(out)] == ["ok", "ok"]

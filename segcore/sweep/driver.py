@@ -39,6 +39,7 @@ from segcore.sweep.jobs import (EXIT_OUTPUT, child_env, classify_failure, config
 Log = Callable[[str], None]
 LOCK = ".sweep.lock"
 SPEC = "sweep.json"
+PLAN = "plan.json"  # the writer node's plan for the other nodes of a multi-node sweep
 
 
 class SweepInterrupted(Exception):
@@ -116,6 +117,49 @@ def check_resume_spec(out_dir: Path, spec: SweepSpec) -> str:
                           + "; ".join(diffs) + ". Resume with the original flags, or start "
                           "a new sweep with another --out")
     return saved["sweep_id"]
+
+
+def _attempt(spec: SweepSpec) -> str:
+    """What the nodes of one launch share and a later launch does not: the rendezvous
+    endpoint (a port per Slurm job) and the scheduler's job id."""
+    return f"{spec.rdzv_endpoint}|{os.environ.get('SLURM_JOB_ID', '')}"
+
+
+def _publish_plan(out_dir: Path, spec: SweepSpec, sweep_id: str, todo: list[Job]) -> None:
+    """The writer node's plan for the other nodes: every configuration file first, then
+    ``plan.json`` (this launch, the folder's sweep id, the run ids to run in order)."""
+    from segcore.io import write_json_atomic
+
+    for job in todo:
+        dump_config(job.config, config_path(out_dir, job.run_id))
+    write_json_atomic(out_dir / PLAN, {"attempt": _attempt(spec), "sweep_id": sweep_id,
+                                       "run_ids": [j.run_id for j in todo],
+                                       "written_unix": time.time()})
+
+
+def _read_plan(out_dir: Path, spec: SweepSpec, log: Log,
+               poll_s: float = 1.0) -> dict[str, Any]:
+    """Wait for the writer node's plan of this launch (within the job timeout)."""
+    started, attempt = time.time(), _attempt(spec)
+    deadline = started + max(60.0, spec.timeout_s)
+    said = False
+    while time.time() < deadline:
+        try:
+            plan = json.loads((out_dir / PLAN).read_text())
+            # This launch's, not an earlier one's (allowing a minute of clock skew).
+            if plan.get("attempt") == attempt and plan.get("written_unix", 0) > started - 60:
+                log(f"plan from the writer node: {len(plan['run_ids'])} configuration(s), "
+                    f"sweep {plan['sweep_id']}")
+                return plan
+        except (OSError, ValueError):
+            pass
+        if not said:
+            log(f"waiting for the writer node's plan ({out_dir / PLAN})")
+            said = True
+        time.sleep(poll_s)
+    raise ConfigError(f"no plan from the writer node in {out_dir / PLAN} after "
+                      f"{deadline - started:.0f} s: --out must be on a file system every node "
+                      "shares, and node 0 must run the same sweep command")
 
 
 def data_fingerprint(spec: SweepSpec) -> dict[str, Any] | None:
@@ -224,7 +268,18 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
         log(f"{len(jobs)} job(s); --dry-run: nothing was run ({wrote})")
         return out_dir
     if not is_writer:
-        _run_jobs(jobs, spec, out_dir, sweep_id, set(), None, False, log)
+        # The plan (sweep id, configurations to run, in order) comes from the writer
+        # node only; this node writes nothing into the results folder.
+        plan = _read_plan(out_dir, spec, log)
+        by_id = {j.run_id: j for j in expand(spec, plan["sweep_id"], out_dir)}
+        missing = [r for r in plan["run_ids"] if r not in by_id]
+        if missing:
+            raise ConfigError(f"the writer node's plan in {out_dir / PLAN} names "
+                              f"configurations this node's flags do not give "
+                              f"({', '.join(missing[:3])}): start every node with the same "
+                              "sweep flags")
+        _run_jobs([by_id[r] for r in plan["run_ids"]], spec, out_dir, plan["sweep_id"],
+                  set(), None, False, log)
         return out_dir
     with writer_lock(out_dir, argv) as lock_fd:
         if resume:
@@ -237,6 +292,7 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
                                   "continue that sweep or --out to start a new one")
             done = set()
         _record_start(out_dir, spec, sweep_id, argv, resume)
+        _publish_plan(out_dir, spec, sweep_id, [j for j in jobs if j.run_id not in done])
         for line in plan_warnings(jobs, spec):
             log(line)
         _measure_interconnect(out_dir, spec, jobs, log)
@@ -359,9 +415,6 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
         run_dir = out_dir / "runs" / job.run_id
         if is_writer and run_dir.exists():
             shutil.rmtree(run_dir)  # a stale result from an interrupted attempt
-        # Every node writes it (identical content, atomically): a node need not share
-        # the first node's file system.
-        dump_config(job.config, config_path(out_dir, job.run_id))
         log(f"[{i}/{len(todo)}] start {job.run_id} ({job.workers * spec.nnodes} worker(s))"
             f"  eta {_eta(durations, len(todo) - i + 1)}")
         t0 = time.time()
