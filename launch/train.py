@@ -10,11 +10,17 @@ curves.png, confusion.png, samples.png.
 
 from __future__ import annotations
 
-import argparse
-import errno
 import os
-import sys
-from pathlib import Path
+
+# Who started this process, read before the heavy imports below: if that parent (the
+# torchrun agent) dies while torch loads, this process is re-parented (to init, or to a
+# subreaper such as systemd --user or tini -s) and must notice (die_with_parent).
+_PARENT_AT_START = os.getppid()
+
+import argparse  # noqa: E402
+import errno  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,13 +33,11 @@ from segcore.faults import (die_with_parent, handle_sigterm, interruption,  # no
                             is_oom, one_line)
 from segcore.train.checkpoint import CheckpointError, load_for_resume  # noqa: E402
 from segcore.train.trainer import Diverged  # noqa: E402
-
 # Exit codes besides 0 and 1: what the sweep's failure rows are told apart by (4: the
 # outputs could not be written, a failure of the environment that --resume runs again).
 EXIT_CONFIG, EXIT_OOM, EXIT_OUTPUT, EXIT_DIVERGED = 2, 3, 4, 5
 _UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO)
 
-_parent_at_start = os.getppid()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -117,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         # Under a sweep the worker dies with its parent (the torchrun agent), kill -9
         # included, so no orphan keeps training.
         if os.environ.get("SEGBENCH_DIE_WITH_PARENT") == "1":
-            die_with_parent(_parent_at_start)
+            driver = os.environ.get("SEGBENCH_DRIVER_PID", "")
+            die_with_parent(_PARENT_AT_START, int(driver) if driver.isdigit() else None)
         resume_state = None
         if a.resume:
             out = Path(a.out or RunConfig().out)

@@ -30,21 +30,32 @@ def is_oom(e: BaseException) -> bool:
     return torch is not None and isinstance(e, torch.OutOfMemoryError)
 
 
-def die_with_parent(parent: int | None = None) -> None:
+def die_with_parent(parent: int | None = None, driver: int | None = None) -> None:
     """SIGKILL this process when its parent dies (Linux; elsewhere nothing).
 
     Args:
         parent: the pid the parent had when this process was started; if the parent is
-            already gone (this process was re-parented before the call), die now. ``None``
+            already gone (this process was re-parented before the call: to init, or to a
+            subreaper such as ``systemd --user`` or ``tini -s``), die now. ``None``
             between fork and exec (``preexec_fn``), where the parent is alive by
             construction.
+        driver: a further ancestor whose death ends this process too (the sweep's
+            driver, whose job this is): if it is gone already, die now.
     """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if parent is not None and os.getppid() != parent:
+    gone = parent is not None and os.getppid() != parent
+    if driver is not None and not gone:
+        try:
+            os.kill(driver, 0)
+        except ProcessLookupError:
+            gone = True
+        except PermissionError:
+            pass  # alive, another user's
+    if gone:
         os.kill(os.getpid(), signal.SIGKILL)
 
 

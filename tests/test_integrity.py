@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -566,3 +567,64 @@ def test_resume_refuses_a_dataset_re_prepared_at_the_same_path(tmp_path):
     photo.write_bytes(photo.read_bytes() + b"\0" * 100)  # another preparation
     with pytest.raises(ConfigError, match=r"dataset .* changed since this sweep started"):
         check_resume_spec(tmp_path / "s", spec)
+
+
+SUBREAPER = r"""
+import ctypes, os, subprocess, sys, time
+from pathlib import Path
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: orphans come to this process
+logs, sweep_id, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+drv = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def workers():
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if sweep_id in cmd and "launch/train.py" in cmd and "torch.distributed.run" \
+                    not in cmd:
+                found.append(cmd)
+    return found
+t0 = time.time()
+while time.time() - t0 < 120 and not workers():
+    time.sleep(0.01)
+drv.kill()  # kill -9 of the driver at job start (its worker still loading torch)
+left = None
+t0 = time.time()
+while time.time() - t0 < 40:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
+    left = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and d.name != str(os.getpid()):
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                state = (d / "stat").read_text().split()[2]
+            except OSError:
+                continue
+            if sweep_id in cmd and state != "Z":
+                left.append(cmd[:120])
+    if not left:
+        break
+    time.sleep(0.2)
+print("left:", left)
+"""
+
+
+@pytest.mark.multiproc
+def test_a_killed_driver_takes_its_job_along_under_a_subreaper(tmp_path, env):
+    """Under systemd --user or tini -s, orphans go to a subreaper, not to init: a worker
+    still loading torch when the driver is killed must notice all the same."""
+    out = tmp_path / "k"
+    sweep_id = f"reaped-{os.getpid()}"
+    args = [sys.executable, SWEEP, "--gpus", "1", "--batch-sizes", "2", *TINY,
+            "--measure-steps", "300", "--sweep-id", sweep_id, "--out", str(out)]
+    p = subprocess.run([sys.executable, "-c", SUBREAPER, str(out / "logs"), sweep_id, *args],
+                       env=env, capture_output=True, text=True, timeout=200)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().endswith("left: []"), p.stdout

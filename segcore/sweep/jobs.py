@@ -63,6 +63,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
            if k not in SCRUB_ENV and not is_launcher_var(k)}
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["SEGBENCH_DIE_WITH_PARENT"] = "1"
+    env["SEGBENCH_DRIVER_PID"] = str(os.getpid())
     env.update(extra or {})
     return env
 
