@@ -77,17 +77,20 @@ def parser() -> argparse.ArgumentParser:
                    help="U-Net depths, widths doubling from 16 (default 3,4)")
     p.add_argument("--engines", type=_strs(None, "--engines"), default=["ddp"],
                    help=f"{engine_axis_choices()} (default ddp)")
-    p.add_argument("--loaders", type=_strs(LOADERS, "--loaders"), default=["torch"],
+    p.add_argument("--loaders", type=_strs(LOADERS, "--loaders"),
                    help=f"{', '.join(LOADERS)} (default torch)")
     p.add_argument("--precisions", type=_strs(("fp32", "bf16", "fp16"), "--precisions"),
-                   default=["fp32"])
-    p.add_argument("--channels-last", type=_bools, default=[True],
+                   help="fp32, bf16, fp16 (default fp32)")
+    p.add_argument("--channels-last", type=_bools,
                    help="on, off or on,off (default on)")
     p.add_argument("--data", default="synthetic", help="dataset folder or 'synthetic'")
     p.add_argument("--classes", choices=("binary", "six", "full"), help="default six")
     p.add_argument("--arch", choices=("paper", "modern"), help="default modern")
-    p.add_argument("--mode", choices=("throughput", "accuracy", "both"), default="both")
-    p.add_argument("--preset", help="a named grid: paper (the reference study), smoke")
+    p.add_argument("--mode", choices=("throughput", "accuracy", "both"),
+                   help="default both")
+    p.add_argument("--preset", help="a named grid: paper (the reference study), gpu (a "
+                   "workload that loads a GPU: widths 64-1024, 512 px, bf16, eager and "
+                   "compiled, the batch probed; the default when CUDA is visible), smoke")
     p.add_argument("--image-size", type=int, help="training crop side (default 128)")
     p.add_argument("--epochs", type=int,
                    help="accuracy budget per configuration, in epochs (default 6)")
@@ -132,7 +135,11 @@ def parser() -> argparse.ArgumentParser:
 # epochs 6: at 2 the 2-worker runs (half the steps at twice the lr) ended 0.21-0.28 mIoU
 # below the 1-worker runs; at 6 within 0.01 (2-core CPU), in about 3 minutes.
 DEFAULTS = {"batch_sizes": [4, 8], "depths": [3, 4], "classes": "six", "arch": "modern",
-            "image_size": 128, "epochs": 6}
+            "image_size": 128, "epochs": 6, "loaders": ["torch"], "precisions": ["fp32"],
+            "channels_last": [True], "mode": "both"}
+# Flags that choose the workload: none given and CUDA visible -> --preset gpu.
+WORKLOAD_FLAGS = ("batch_sizes", "depths", "classes", "arch", "image_size", "loaders",
+                  "precisions", "channels_last", "mode", "epochs", "steps")
 SWEEPS = Path("runs") / "sweeps"
 
 
@@ -182,6 +189,44 @@ def axes(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
+def _probe_batch(spec, cuda: bool, dry_run: bool) -> None:
+    """The GPU preset's per-GPU batch: the largest that fits (segcore.train.probe, in a
+    process of its own so this one holds no GPU memory), recorded in every row."""
+    import json
+    import subprocess
+
+    from segcore.sweep.grid import GPU_CPU_BATCH, GPU_HEADROOM
+
+    row = spec.preset_rows[0]
+    if not cuda or dry_run:
+        why = "no GPU here" if not cuda else "--dry-run"
+        print(f"batch: probed on the GPU at start ({why}: batch {GPU_CPU_BATCH} shown)",
+              flush=True)
+        spec.row_extra = {"batch_source": "fixed (no GPU to probe)" if not cuda
+                          else "fixed (dry run)"}
+        return
+    print(f"probing the largest per-GPU batch that fits with {GPU_HEADROOM:.0%} headroom "
+          f"(widths {row['widths']}, {spec.image_size} px, {spec.precisions[0]})...",
+          flush=True)
+    p = subprocess.run([sys.executable, "-m", "segcore.train.probe", "--widths",
+                        row["widths"], "--image-size", str(spec.image_size), "--precision",
+                        spec.precisions[0], "--headroom", str(GPU_HEADROOM)],
+                       capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1])
+    if p.returncode != 0:
+        msg = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"the batch probe failed ({msg}); give --batch-sizes instead of "
+                          "--preset gpu")
+    found = json.loads(p.stdout.strip().splitlines()[-1])
+    for r in spec.preset_rows:
+        r["batch"] = found["batch"]
+    spec.row_extra = {"batch_source": "probe", "batch_probe_peak_mb": found["peak_mb"],
+                      "batch_probe_headroom": found["headroom"],
+                      "batch_probe_device_mb": found["device_mb"]}
+    print(f"batch {found['batch']} per GPU: peak {found['peak_mb']:.0f} MiB of "
+          f"{found['device_mb']:.0f} MiB ({found['headroom']:.0%} headroom kept)", flush=True)
+
+
 def latest_sweep() -> Path:
     """The most recently started sweep folder under runs/sweeps (for --resume alone)."""
     found = sorted(SWEEPS.glob("*/sweep.json"), key=lambda p: p.stat().st_mtime)
@@ -204,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
         from segcore.sweep.driver import run_sweep
         from segcore.sweep.grid import PRESET_FIELDS, SweepSpec, preset
 
+        cuda = torch.cuda.is_available()
+        if (a.preset is None and cuda and not a.resume
+                and all(getattr(a, f) is None for f in WORKLOAD_FLAGS)):
+            a.preset = "gpu"
+            print("CUDA is visible: the default workload is --preset gpu (U-Net widths "
+                  "64-1024, 512 px, bf16, channels-last, eager and compiled, the per-GPU "
+                  "batch probed); give any workload flag for another", flush=True)
         if a.preset:
             p = preset(a.preset)  # unknown names fail here
             given = [f for f in PRESET_FIELDS[a.preset] if getattr(a, f, None) is not None]
@@ -245,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
                       "(a short run of the study)", flush=True)
         if a.preset:
             spec.preset_rows = p["rows"]
-            spec.arch = p.get("arch", spec.arch)
-            spec.image_size = p.get("image_size", spec.image_size)
-            spec.epochs = p.get("epochs", spec.epochs)
+            for key in ("arch", "image_size", "epochs", "loaders", "precisions",
+                        "channels_last", "mode"):
+                if key in p:
+                    setattr(spec, key, p[key])
+            spec.axes = {**p.get("axes", {}), **spec.axes}
+            if p.get("probe_batch"):
+                _probe_batch(spec, cuda, a.dry_run)
         node_rank = a.node_rank
         if node_rank is None:
             node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")))

@@ -209,6 +209,8 @@ ALIASES: tuple[Alias, ...] = (
     Alias("--strict", "data.strict", "fail on a bad image/mask pair instead of skipping it"),
     Alias("--mode", "run.mode"),
     Alias("--seed", "train.seed"),
+    Alias("--save-checkpoints", "train.save_checkpoints",
+          "mode throughput: also write last.pt and checkpoint.pt"),
     Alias("--timeout", "train.timeout_s",
           "collective timeout in seconds (a dead peer fails the job)"),
     Alias("--run-id", "run.run_id"),

@@ -263,6 +263,10 @@ class TrainConfig:
         target_miou: record the training time at which validation mIoU first reaches it.
         strong_scaling: keep the global batch fixed as workers are added.
         threads: CPU threads per worker (``None``: usable cores / local workers).
+        timeout_s: the collective timeout in seconds (a dead peer fails the job).
+        save_checkpoints: mode ``throughput`` only: also write ``last.pt`` and
+            ``checkpoint.pt`` (off: a speed run writes none, so no write sits in its
+            wall clock; the accuracy budget always writes them).
     """
 
     local_batch_size: int = 8
@@ -294,6 +298,7 @@ class TrainConfig:
     sync_bn: bool = False
     threads: int | None = None
     timeout_s: float = 600.0
+    save_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         for name in ("local_batch_size", "world_size", "epochs", "grad_accum", "val_every"):

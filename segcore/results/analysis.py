@@ -38,6 +38,9 @@ applies (:data:`FLAGS`, in that order, comma-separated). Only ok rows are flagge
 - ``oversubscribed``: the row says so (more workers x threads than cores, more workers
   than GPUs).
 - ``emulated-precision``: the row's precision is emulated by the hardware.
+- ``wall-gap``: the measured steps cover less than :data:`WALL_SHARE_MIN` of the wall
+  time of their window (``measured_time_share``): epoch boundaries, loader restarts or
+  checkpoint writes between them cost more than the steps say.
 - ``not-converged``: a run that trained for accuracy (``mode`` accuracy or both; rows
   without a mode: those that recorded ``mIoU`` or ``val_loss``) has no finite mIoU, or
   its training loss did not fall (``train_loss_last`` >= ``train_loss_first``), or its
@@ -73,12 +76,16 @@ MIN_MEASURED_STEPS = 30
 # Objectives judged on the measurement alone (convergence does not change them).
 SPEED_OBJECTIVES = ("throughput_img_s", "scaling_efficiency", "memory_mb")
 CI_LIMIT_PCT = 10.0
+WALL_SHARE_MIN = 0.8  # measured step time / wall time of the window, below it: flagged
 FLAGS = {
     "few-steps": f"fewer than {MIN_MEASURED_STEPS} measured steps",
     "wide-ci": f"95 % CI (or spread of repeats) wider than ±{CI_LIMIT_PCT:g} % of the "
                "throughput",
     "oversubscribed": "more workers than the hardware runs in parallel",
     "emulated-precision": "the precision is emulated by this hardware",
+    "wall-gap": f"the measured steps cover less than {WALL_SHARE_MIN:.0%} of the training "
+                "window's wall time (epoch boundaries, loader restarts, checkpoints): the "
+                "steady-state throughput overstates the wall-clock rate",
     "not-converged": "training did not converge (no mIoU, loss did not fall, or mIoU "
                      "no better than a constant prediction)",
 }
@@ -107,6 +114,7 @@ NUMERIC_COLUMNS = (
     "launch_overhead_s", "lr", "base_lr", "samples_seen", "train_loss_first",
     "train_loss_last", "mem_workload_mb", "mem_baseline_mb", "throughput_ci95_lo",
     "throughput_ci95_hi", "throughput_ci95_pct", "hw_parallel_limit",
+    "wall_throughput_img_s", "measured_time_share",
 )
 _BOOL_COLUMNS = ("channels_last", "compile", "strong_scaling", "augment", "oversubscribed",
                  "precision_emulated")
@@ -320,6 +328,7 @@ def _flags(d: pd.DataFrame) -> None:
         "wide-ci": ci_wide,
         "oversubscribed": d["oversubscribed"].map(truthy).astype(bool),
         "emulated-precision": d["precision_emulated"].map(truthy).astype(bool),
+        "wall-gap": d["measured_time_share"] < WALL_SHARE_MIN,  # NaN (older rows): False
         "not-converged": _not_converged(d),
     }
     ok = d["ok"].to_numpy(bool)
@@ -723,6 +732,12 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
         what = _count(emu, "ran a precision this hardware only emulates")
         items.append(({"speed"}, f"{what} ({_fmt_set(ok.loc[emu, 'precision'])}): their "
                       "timings measure the emulation, not the precision."))
+    gap = ok["flags"].str.contains("wall-gap")
+    if gap.any():
+        items.append(({"speed"}, f"{_count(gap, 'spent')} less than "
+                      f"{WALL_SHARE_MIN:.0%} of their training window in the measured steps "
+                      "(wall-gap): their wall-clock throughput (`wall img/s`) is the rate "
+                      "to plan with."))
     speed_flags = ok["flags"].str.contains("few-steps|wide-ci")
     if speed_flags.any():
         items.append(({"speed"}, f"{_count(speed_flags, 'rest on too few samples')} "

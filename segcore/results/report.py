@@ -257,6 +257,10 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     t.add("status", lambda r: _text(r.get("status")), "l")
     t.add("img/s", lambda r: _f(r["throughput_img_s"], ".1f"))
     t.add("95 % CI", _ci, when=bool(d["throughput_ci95_lo"].notna().any()))
+    wall = bool(d["wall_throughput_img_s"].notna().any())
+    t.add("wall img/s", lambda r: _f(r["wall_throughput_img_s"], ".1f"), when=wall)
+    t.add("measured share", lambda r: _f(r["measured_time_share"], ".0f", " %", scale=100),
+          when=wall)
     t.add("p50 ms", lambda r: _f(r["step_ms_p50"], ".1f"))
     t.add("p99 ms", lambda r: _f(r["step_ms_p99"], ".1f"))
     t.add("data wait %", lambda r: _f(r["data_wait_pct"], ".1f"))
@@ -274,7 +278,11 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
                                + analysis.caveats(d, env, "memory")))
     return ["## Results", "",
             "One row per run. img/s: images per second over all workers, with its 95 % "
-            "confidence interval where recorded; p50/p99: step time; data wait: share of "
+            "confidence interval where recorded (the steady state: the measured steps "
+            "only); wall img/s: the same images over the wall time of their whole window "
+            "(epoch boundaries, loader restarts, checkpoints included), and measured share: "
+            "the steps' part of that time (below "
+            f"{analysis.WALL_SHARE_MIN:.0%}: flagged wall-gap); p50/p99: step time; data wait: share of "
             "step time spent waiting for input; speedup: throughput over the 1-worker run "
             "of the same configuration (median of its repeats); hw ceiling: the most "
             "speedup the hardware allows; efficiency: speedup / workers; memory MB: peak "

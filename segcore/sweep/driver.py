@@ -228,6 +228,24 @@ def plan_warnings(jobs: list[Job], spec: SweepSpec) -> list[str]:
     return out
 
 
+def workload_lines(jobs: list[Job]) -> list[str]:
+    """One line per distinct workload of the grid (what --dry-run shows)."""
+    seen: dict[tuple, int] = {}
+    for j in jobs:
+        m, d, t = j.config.model, j.config.data, j.config.train
+        key = (m.arch, m.widths, d.image_size, t.per_worker_batch, t.precision, d.loader,
+               m.channels_last, m.compile, j.config.mode, t.engine, t.zero_stage)
+        seen[key] = seen.get(key, 0) + 1
+    out = []
+    for (arch, widths, size, batch, prec, loader, cl, comp, mode, eng, z), n in seen.items():
+        out.append(f"workload: {arch} U-Net widths {'-'.join(map(str, widths))}, {size} px "
+                   f"crops, batch {batch}/worker, {prec}, "
+                   f"{'channels-last' if cl else 'NCHW'}, {'compiled' if comp else 'eager'}, "
+                   f"{loader} loader, {eng}" + (f" ZeRO-{z}" if eng == "deepspeed" else "")
+                   + f", mode {mode} ({n} job(s))")
+    return out
+
+
 def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = False,
               dry_run: bool = False, is_writer: bool = True, log: Log = print,
               argv: list[str] | None = None) -> Path:
@@ -255,6 +273,8 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
     argv = list(argv or [])
     jobs = expand(spec, sweep_id, out_dir)
     if dry_run:
+        for line in workload_lines(jobs):
+            log(line)
         for line in plan_warnings(jobs, spec):
             log(line)
         holds_results = (out_dir / "runs.jsonl").exists() or (out_dir / SPEC).exists()
@@ -439,19 +459,26 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
         row = _job_row(job, rc, timed_out, run_dir, log_path, sweep_id, spec.nnodes,
                        dev_type, dev_name, t0)
         row["wall_s"] = dt
+        row.update(spec.row_extra)
         if rc == EXIT_OUTPUT or "no space left" in str(row.get("error", "")).lower():
             row["rerun_on_resume"] = True  # the environment's fault: resume runs it again
         _record(out_dir, row, job.run_id in again, unwritten, log)
         log(f"[{i}/{len(todo)}] {row['status']:7s} {job.run_id}  "
             f"{fmt(row.get('throughput_img_s'), '.1f')} img/s "
             f"(+/-{fmt(row.get('throughput_ci95_pct'), '.0f')} %, "
-            f"{row.get('measured_steps', '-')} steps)  "
+            f"{row.get('measured_steps', '-')} steps; wall "
+            f"{fmt(row.get('wall_throughput_img_s'), '.1f')} img/s, "
+            f"{fmt(_pct(row.get('measured_time_share')), '.0f')} % measured)  "
             f"p50 {fmt(row.get('step_ms_p50'), '.0f')} ms  "
             f"mem {fmt(row.get('mem_workload_mb', row.get('peak_mem_mb')), '.0f')} MB  "
             f"mIoU {fmt(row.get('mIoU'), '.3f')}  "
             f"launch {fmt(row.get('launch_overhead_s'), '.1f')} s  ({dt:.0f} s)"
             + (f"  error: {row['error']}" if row["status"] != "ok" else ""))
     return unwritten
+
+
+def _pct(share: Any) -> float | None:
+    return None if share is None else float(share) * 100
 
 
 def _node_rank() -> str:

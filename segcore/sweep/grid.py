@@ -71,6 +71,9 @@ class SweepSpec:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     preset_rows: list[dict[str, Any]] | None = None
     axes: dict[str, list[str]] = field(default_factory=dict)
+    # Columns every row of the sweep carries (how its batch was chosen: the GPU preset's
+    # memory probe).
+    row_extra: dict[str, Any] = field(default_factory=dict)
 
     # How the jobs reach each other and how long they may take, not what they are: a
     # resumed sweep (a new Slurm job: another rendezvous endpoint) may differ here.
@@ -103,14 +106,26 @@ def parse_engine(value: str) -> tuple[str, int]:
 
 # What each preset sets, so that a preset never silently overrides a flag the user gave.
 PRESET_FIELDS = {"paper": ("arch", "batch_sizes", "depths", "classes", "lr", "steps"),
-                 "smoke": ("batch_sizes", "depths", "classes", "image_size", "epochs")}
+                 "smoke": ("batch_sizes", "depths", "classes", "image_size", "epochs"),
+                 "gpu": ("batch_sizes", "depths", "classes", "image_size", "loaders",
+                         "precisions", "mode", "arch")}
+PRESETS = tuple(PRESET_FIELDS)
+# The GPU workload: the original U-Net widths at 512 px crops, bf16 channels-last, eager
+# and compiled, on device-made batches; the per-GPU batch is probed at start
+# (segcore.train.probe: the largest that fits in GPU_HEADROOM less than the memory).
+GPU_WIDTHS = "64,128,256,512,1024"
+GPU_IMAGE_SIZE = 512
+GPU_HEADROOM = 0.2
+GPU_CPU_BATCH = 2  # no GPU to probe: the preset runs (slowly) with this batch
 
 
 def preset(name: str, epochs: int | None = None) -> dict[str, Any]:
     """Named grids. ``paper``: the reference study's nine named sessions (Tables 2 and 4)
     plus its 24-class and unlabeled-binary runs, each with its own lr, batch, widths,
     epochs, augmentation and classes (:mod:`segcore.results.study`; ``epochs`` replaces
-    every session's for a short run). ``smoke``: one tiny configuration."""
+    every session's for a short run). ``smoke``: one tiny configuration. ``gpu``: a
+    workload that loads a GPU (:data:`GPU_WIDTHS` at :data:`GPU_IMAGE_SIZE` px, bf16,
+    channels-last, eager and compiled, the batch probed at start)."""
     if name == "paper":
         from segcore.results.study import preset_rows
 
@@ -118,7 +133,13 @@ def preset(name: str, epochs: int | None = None) -> dict[str, Any]:
     if name == "smoke":
         return {"rows": [{"classes": "six", "batch": 4, "widths": "8,16", "augment": True}],
                 "image_size": 64, "epochs": 1}
-    raise ConfigError(f"--preset {name!r} is unknown; choose one of: paper, smoke")
+    if name == "gpu":
+        return {"rows": [{"classes": "six", "batch": GPU_CPU_BATCH, "widths": GPU_WIDTHS,
+                          "augment": True}],
+                "arch": "modern", "image_size": GPU_IMAGE_SIZE, "loaders": ["synthetic"],
+                "precisions": ["bf16"], "channels_last": [True], "mode": "throughput",
+                "axes": {"model.compile": ["false", "true"]}, "probe_batch": True}
+    raise ConfigError(f"--preset {name!r} is unknown; choose one of: {', '.join(PRESETS)}")
 
 
 def _slug(v: str) -> str:

@@ -105,7 +105,8 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
     train_s, val_s = index.split(d.test_fraction, d.split_seed)
     crop = (d.image_size, d.image_size)
     check_input_size(cfg.model, *crop)
-    _check_crop_fits(train_s, d.image_size)
+    if d.loader != "synthetic":  # synthetic batches are made on the device at any size
+        _check_crop_fits(train_s, d.image_size)
     per_worker = tc.per_worker_batch
     # uint8 batches cross to the device and are normalized there (DeviceBatches).
     workers = (d.num_workers if d.num_workers is not None
@@ -231,7 +232,8 @@ def build_row(cfg: RunConfig, ctx: DistContext, res: TrainResult,
     for k in ("warmup_steps", "measured_steps", "throughput_img_s", "throughput_ci95_lo",
               "throughput_ci95_hi", "throughput_ci95_pct", "ci_batches", "step_ms_p50",
               "step_ms_p90", "step_ms_p99", "step_ms_mean", "step_ms_std", "data_wait_pct",
-              "fwd_bwd_ms_p50", "optim_ms_p50", "timing_method"):
+              "fwd_bwd_ms_p50", "optim_ms_p50", "timing_method", "wall_throughput_img_s",
+              "measured_time_share"):
         row[k] = t.get(k)
     row["speedup"] = None  # filled by the sweep's analysis against the 1-worker row
     row["scaling_efficiency"] = None

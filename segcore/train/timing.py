@@ -274,6 +274,9 @@ class StepTimer:
             ``measured_steps``, ``images`` (measured), ``wall_s`` (begin of the first
             measured step to end of the last, so gaps between steps count, less the
             stretches inside :meth:`paused`),
+            ``wall_window_s`` (the same stretch, pauses included),
+            ``wall_throughput_img_s`` (images / wall_window_s: the wall-clock rate),
+            ``measured_time_share`` (the measured steps' time / wall_window_s),
             ``throughput_img_s`` (= images / wall_s, not a mean of per-step rates) with
             its 95 % interval (:func:`batch_means_ci`), ``step_ms_p50/p90/p99`` (each
             NaN below :data:`PERCENTILE_MIN_SAMPLES` steps), ``step_ms_mean``,
@@ -291,7 +294,8 @@ class StepTimer:
             "images": int(sum(self._images)),
             "timing_method": self.method,
         }
-        nan_keys = ("wall_s", "throughput_img_s", "step_ms_p50", "step_ms_p90",
+        nan_keys = ("wall_s", "wall_window_s", "wall_throughput_img_s",
+                    "measured_time_share", "throughput_img_s", "step_ms_p50", "step_ms_p90",
                     "step_ms_p99", "throughput_ci95_lo", "throughput_ci95_hi",
                     "throughput_ci95_pct", "step_ms_mean", "step_ms_std", "data_wait_pct",
                     "fwd_bwd_ms_p50", "optim_ms_p50")
@@ -301,9 +305,16 @@ class StepTimer:
         step_ms = np.asarray(self._step_s, dtype=np.float64) * 1e3
         m = self._marks
         paused = sum(m.seconds(a, b) for a, b in self._pauses)
-        wall = m.seconds(self._first_begin, self._last_end) - paused
+        window = m.seconds(self._first_begin, self._last_end)
+        wall = window - paused
         out["wall_s"] = wall
         out["throughput_img_s"] = out["images"] / wall if wall > 0 else _NAN
+        # The wall clock beside the steady state: the same images over the whole window,
+        # epoch boundaries, loader restarts and checkpoint writes included.
+        out["wall_window_s"] = window
+        out["wall_throughput_img_s"] = out["images"] / window if window > 0 else _NAN
+        out["measured_time_share"] = (float(sum(self._step_s)) / window if window > 0
+                                      else _NAN)
         # A tail percentile from a handful of samples is the maximum in disguise: each
         # is reported only with enough samples for it (PERCENTILE_MIN_SAMPLES).
         for q, need in PERCENTILE_MIN_SAMPLES.items():

@@ -299,7 +299,10 @@ class Trainer:
         self.engine.train(True)
         if mode == "throughput":
             timer = step_timer(tc.warmup_steps, self.ctx.device)
-            self._train(budget, timer, result, accuracy=False, checkpoints=True)
+            # A throughput run measures speed: checkpoints only when asked for
+            # (--save-checkpoints), else their writes would sit inside its wall clock.
+            self._train(budget, timer, result, accuracy=False,
+                        checkpoints=tc.save_checkpoints)
         else:
             timer = step_timer(tc.warmup_steps, self.ctx.device)
             self._train(budget, timer, result, accuracy=True, checkpoints=True)
