@@ -90,6 +90,29 @@ def test_inference_forward(benchmark, arch, precision):
 PHOTO, TILE = ((4000, 6000), 512) if BENCH_DEVICE.type == "cuda" else ((1024, 1536), 256)
 
 
+# Two paths that sum the same tiles in another order (blocks vs one pass; TF32 and cuDNN
+# autotuning on a GPU) may pick different classes only where the two most probable ones
+# are this close in probability: a tie the model does not decide. Anywhere else they
+# must agree exactly.
+TIE_TOLERANCE = 1e-3
+
+
+def assert_classes_match(got: np.ndarray, want: np.ndarray, probs: np.ndarray,
+                         tol: float = TIE_TOLERANCE) -> int:
+    """``got == want`` except where the top two probabilities (``probs``: [C, H, W]) of
+    the reference differ by less than ``tol``; returns the number of such tie pixels."""
+    differ = got != want
+    if not differ.any():
+        return 0
+    top2 = np.sort(probs, axis=0)[-2:]
+    margin = top2[1] - top2[0]
+    real = differ & (margin >= tol)
+    assert not real.any(), (f"{int(real.sum())} of {got.size} pixels differ where the "
+                            f"top-two margin is >= {tol} (min margin there "
+                            f"{float(margin[real].min()):.2e})")
+    return int(differ.sum())
+
+
 def test_tiled_prediction_path(benchmark):
     benchmark.group = f"tiled prediction {PHOTO[0]}x{PHOTO[1]}, tile {TILE}, 1x1 conv"
     torch.manual_seed(0)
@@ -103,9 +126,10 @@ def test_tiled_prediction_path(benchmark):
         return classes  # on the host already: predict_classes synchronizes
 
     classes = benchmark.pedantic(predict, rounds=3, warmup_rounds=1, iterations=1)
-    whole = predict_image(model, normalize_image(photo), CLASSES, tile=TILE, overlap=0.25,
-                          batch_size=BATCH, device=BENCH_DEVICE)
-    np.testing.assert_array_equal(classes, whole.numpy())
+    whole, probs = predict_image(model, normalize_image(photo), CLASSES, tile=TILE,
+                                 overlap=0.25, batch_size=BATCH, device=BENCH_DEVICE,
+                                 return_probs=True)
+    assert_classes_match(classes, whole.numpy(), probs.numpy())
     record(benchmark, PHOTO[0] * PHOTO[1], unit="px", image=[3, *PHOTO], tile=TILE,
            batch=BATCH)
 

@@ -179,11 +179,13 @@ class Trainer:
         self._step_losses: list[torch.Tensor] = []
         self._unchecked: list[torch.Tensor] = []  # step losses since the last check
         self._last_finite: float | None = None
+        self._step = 0
+        self._fault = None  # set by fit() from SEGBENCH_FAULT
 
     @property
     def step(self) -> int:
         """Optimizer steps taken so far (in the current phase)."""
-        return getattr(self, "_step", 0)
+        return self._step
 
     # -- helpers --------------------------------------------------------------------
     def _to_device(self, x: torch.Tensor, y: torch.Tensor):
