@@ -114,7 +114,7 @@ NUMERIC_COLUMNS = (
     "launch_overhead_s", "lr", "base_lr", "samples_seen", "train_loss_first",
     "train_loss_last", "mem_workload_mb", "mem_baseline_mb", "throughput_ci95_lo",
     "throughput_ci95_hi", "throughput_ci95_pct", "hw_parallel_limit",
-    "wall_throughput_img_s", "measured_time_share",
+    "wall_throughput_img_s", "measured_time_share", "energy_j_per_img",
 )
 _BOOL_COLUMNS = ("channels_last", "compile", "strong_scaling", "augment", "oversubscribed",
                  "precision_emulated")

@@ -261,6 +261,8 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     t.add("wall img/s", lambda r: _f(r["wall_throughput_img_s"], ".1f"), when=wall)
     t.add("measured share", lambda r: _f(r["measured_time_share"], ".0f", " %", scale=100),
           when=wall)
+    energy = bool(d["energy_j_per_img"].notna().any())
+    t.add("J/img", lambda r: _f(r["energy_j_per_img"], ".3g"), when=energy)
     t.add("p50 ms", lambda r: _f(r["step_ms_p50"], ".1f"))
     t.add("p99 ms", lambda r: _f(r["step_ms_p99"], ".1f"))
     t.add("data wait %", lambda r: _f(r["data_wait_pct"], ".1f"))
@@ -288,7 +290,10 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
             "speedup the hardware allows; efficiency: speedup / workers; memory MB: peak "
             "per worker, max over ranks (" + (", ".join(mem) or "not recorded") + "); "
             "launch s: launch to first step (see Launch overhead); flags: see "
-            "Low-confidence figures.", "",
+            "Low-confidence figures."
+            + (" J/img: energy per image over the timed window (NVML on a GPU; on a CPU "
+               "the RAPL package counter, which covers the whole socket, other processes "
+               "too)." if energy else ""), "",
             *_caveat_lines(notes), t.render(_sorted_rows(d))]
 
 

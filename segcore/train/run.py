@@ -22,8 +22,10 @@ from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
                                   default_num_workers, make_eval_loader, make_train_loader)
 from segcore.data.layouts import DatasetIndex, discover, validate
-from segcore.dist import DistContext, gather_objects, init_distributed, teardown
+from segcore.dist import (DistContext, all_reduce_sum, gather_objects, init_distributed,
+                          teardown)
 from segcore.faults import interruption
+from segcore.train.energy import EnergyCounter
 from segcore.model import build_model, check_input_size, valid_side_at_most
 from segcore.registry import engine_spec
 from segcore.columns import config_columns, row_channels_last
@@ -407,6 +409,8 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
         else None
     if nvml:
         nvml.start()
+    energy = EnergyCounter(ctx.device)
+    s.trainer.energy = energy
     t0 = time.perf_counter()
     res = s.trainer.fit()
     wall = time.perf_counter() - t0
@@ -419,8 +423,30 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
              "skipped_pairs": len(s.index.problems),
              "data_source": "synthetic" if s.cfg.data.source == "synthetic"
              else str(s.index.root), **s.index.fingerprint(),
-             "first_step_unix": res.first_step_unix}
+             "first_step_unix": res.first_step_unix,
+             **_energy_columns(s, res, energy)}
     return res, extra
+
+
+def _energy_columns(s: _Setup, res: TrainResult, energy: EnergyCounter) -> dict[str, Any]:
+    """``energy_j_per_img`` over the timed window: every GPU's energy (a CPU package once
+    per node: its counter covers the socket) over the window's images; else
+    ``energy_why``, one word."""
+    ctx, tc = s.ctx, s.cfg.train
+    counted = res.energy_j is not None and (ctx.device.type == "cuda" or ctx.local_rank == 0)
+    t = torch.tensor([res.energy_j if counted else 0.0, 1.0 if counted else 0.0,
+                      1.0 if res.energy_j is None else 0.0], dtype=torch.float64)
+    if ctx.distributed and ctx.backend == "gloo":
+        all_reduce_sum(t)
+    elif ctx.distributed:
+        t = all_reduce_sum(t.to(ctx.device)).cpu()
+    joules, counters, missing = t.tolist()
+    images = res.energy_steps * (tc.global_batch_size or tc.per_worker_batch * ctx.world_size)
+    if counters and not missing and images:
+        return {"energy_j_per_img": joules / images, "energy_source": energy.source,
+                "energy_why": None}
+    why = energy.why or ("no-window" if s.cfg.mode == "accuracy" else "unreadable")
+    return {"energy_j_per_img": None, "energy_source": None, "energy_why": why}
 
 
 def _write_stopped(s: _Setup, status: str, error: str, **extra: Any) -> None:

@@ -48,6 +48,10 @@ class TrainResult:
     stopped_early: bool = False
     # Model weights at the end of the accuracy budget (mode both: before the window).
     final_weights: dict[str, Any] | None = None
+    # Energy of this rank's device over the timed window (warm-up included), and the
+    # optimizer steps in it; None: no counter (see segcore.train.energy).
+    energy_j: float | None = None
+    energy_steps: int = 0
 
 
 FAULT_KINDS = ("error", "oom", "kill")
@@ -181,6 +185,7 @@ class Trainer:
         self._last_finite: float | None = None
         self._step = 0
         self._fault = None  # set by fit() from SEGBENCH_FAULT
+        self.energy = None  # a segcore.train.energy.EnergyCounter, set by the caller
 
     @property
     def step(self) -> int:
@@ -303,8 +308,7 @@ class Trainer:
             timer = step_timer(tc.warmup_steps, self.ctx.device)
             # A throughput run measures speed: checkpoints only when asked for
             # (--save-checkpoints), else their writes would sit inside its wall clock.
-            self._train(budget, timer, result, accuracy=False,
-                        checkpoints=tc.save_checkpoints)
+            self._timed_window(budget, timer, result, checkpoints=tc.save_checkpoints)
         else:
             timer = step_timer(tc.warmup_steps, self.ctx.device)
             self._train(budget, timer, result, accuracy=True, checkpoints=True)
@@ -316,8 +320,8 @@ class Trainer:
                 self._step = 0
                 self.log(f"throughput window: {tc.warmup_steps} warm-up + "
                          f"{tc.measure_steps} measured steps")
-                self._train(tc.warmup_steps + tc.measure_steps, timer, result,
-                            accuracy=False, checkpoints=False)
+                self._timed_window(tc.warmup_steps + tc.measure_steps, timer, result,
+                                   checkpoints=False)
         if mode == "throughput":
             result.steps = self._step
         if self._step_losses:
@@ -396,6 +400,19 @@ class Trainer:
                 break
         if do_val and not result.metrics:
             result.metrics, result.confusion = self._validate_phase()
+
+    def _timed_window(self, total_steps: int, timer: StepTimer, result: TrainResult,
+                      checkpoints: bool) -> None:
+        """The throughput window, with the device's energy read at its ends."""
+        e0 = self.energy.read() if self.energy is not None else None
+        s0 = self._step
+        self._train(total_steps, timer, result, accuracy=False, checkpoints=checkpoints)
+        if e0 is not None:
+            if self.ctx.device.type == "cuda":
+                torch.cuda.synchronize(self.ctx.device)  # the window's work is done
+            e1 = self.energy.read()
+            if e1 is not None:
+                result.energy_j, result.energy_steps = e1 - e0, self._step - s0
 
     def _check_finite(self) -> None:
         """Raise :class:`Diverged` on every rank if any rank's loss since the last check
