@@ -117,8 +117,11 @@ def test_deepspeed_zero2_matches_ddp(tmp_path, env):
                                    pytest.param(1, marks=pytest.mark.slow), 3])
 def test_deepspeed_zero_stages_run(tmp_path, env, stage):
     out = tmp_path / f"z{stage}"
+    # (a throughput run writes checkpoints only when asked: here the ZeRO gather is
+    # what is checked)
     ok(torchrun(2, TINY + ["--engine", "deepspeed", "--zero-stage", str(stage),
-                           "--batch-size", "2", "--steps", "2", "--out", str(out)], env))
+                           "--batch-size", "2", "--steps", "2", "--save-checkpoints",
+                           "--out", str(out)], env))
     assert len(losses(out)) == 2
     ckpt = out / "checkpoint.pt"
     assert ckpt.is_file()
@@ -197,7 +200,8 @@ def test_failing_rank_fails_the_job_fast_and_keeps_results(tmp_path, env):
     # is checkpointed, then rank 1 raises before step 4. The collective timeout is 300 s;
     # the subprocess limit of 120 s proves the job did not wait for it.
     proc = torchrun(2, TINY + ["--engine", "ddp", "--batch-size", "4", "--steps", "6",
-                               "--timeout", "300", "--out", str(out)], e, timeout=120)
+                               "--timeout", "300", "--save-checkpoints", "--out", str(out)],
+                    e, timeout=120)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "[rank 1] error: RuntimeError: injected fault on rank 1 at step 4" in text
