@@ -74,6 +74,8 @@ def summary(folder: Path) -> str:
     best = analysis.best_per_objective(d)[0]
     top = (f"{fmt(best.row['throughput_img_s'], '.1f', ' img/s')} "
            f"({best.row['run_id']})") if best.row is not None else f"n/a ({best.note})"
+    if best.ties:
+        top = f"tied within {best.noise_pct:.1f} %: {top} and {', '.join(best.ties)}"
     return (f"{folder}: {len(ok)}/{len(d)} run(s) ok, "
             f"{int(ok['low_confidence'].sum())} low-confidence"
             + (f" ({flags})" if flags else "") + f"; highest throughput: {top}")

@@ -403,3 +403,26 @@ def test_family_keys_and_norm():
     assert keys == [("ddp", 4, None), ("ddp", ("global", 16), None)]
     assert A.norm(np.float64(8.0)) == 8 and A.norm(" ") is None and A.norm("False") is False
     assert sorted([None, "b", 2, 1.5], key=A.sort_key) == [1.5, 2, "b", None]
+
+
+def test_a_lead_inside_the_noise_is_a_tie_not_a_winner():
+    """39.6 vs 39.2 img/s (the engines folder): a 1 % lead inside +/-1 % CIs and an
+    unknown run-to-run spread is a tie; 50 vs 39 is a winner; measured repeats replace
+    the assumed spread."""
+    def row(rid, engine, thr, ci=1.0, repeat=None):
+        r = {"run_id": rid, "status": "ok", "engine": engine, "world_size": 1,
+             "batch_size": 8, "measured_steps": 30, "throughput_img_s": thr,
+             "throughput_ci95_pct": ci, "mode": "throughput"}
+        return r if repeat is None else {**r, "repeat": repeat}
+
+    tie = A.best_per_objective(pd.DataFrame([row("a", "ddp", 39.2), row("b", "fsdp", 39.6)]))[0]
+    assert tie.row["run_id"] == "b" and tie.ties == ("a",) and not tie.spread_measured
+    assert tie.lead_pct == pytest.approx(100 * 0.4 / 39.2)
+    assert tie.noise_pct == pytest.approx(math.hypot(1, 1) + A.RUN_TO_RUN_PCT)
+    win = A.best_per_objective(pd.DataFrame([row("a", "ddp", 39.0), row("b", "fsdp", 50.0)]))[0]
+    assert win.row["run_id"] == "b" and win.ties == () and win.lead_pct > win.noise_pct
+    # Two repeats each, 0.5 % apart: the measured spread, not the assumed one.
+    reps = [row("a0", "ddp", 39.0, 0.2, 0), row("a1", "ddp", 39.2, 0.2, 1),
+            row("b0", "fsdp", 41.0, 0.2, 0), row("b1", "fsdp", 41.2, 0.2, 1)]
+    best = A.best_per_objective(pd.DataFrame(reps))[0]
+    assert best.spread_measured and best.ties == () and best.row["engine"] == "fsdp"

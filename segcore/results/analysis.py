@@ -77,13 +77,19 @@ MIN_MEASURED_STEPS = 30
 SPEED_OBJECTIVES = ("throughput_img_s", "scaling_efficiency", "memory_mb")
 CI_LIMIT_PCT = 10.0
 WALL_SHARE_MIN = 0.8  # measured step time / wall time of the window, below it: flagged
+# Without repeats the run-to-run spread of a configuration is unknown; this much is
+# assumed (the spread measured between identical runs on one 2-core host was about 6 %,
+# 6x their within-run CI), and the report says it was assumed.
+RUN_TO_RUN_PCT = 6.0
+TIE_COLUMNS = ("throughput_img_s", "scaling_efficiency", "memory_mb", "mIoU",
+               "time_to_target_s")
 FLAGS = {
     "few-steps": f"fewer than {MIN_MEASURED_STEPS} measured steps",
     "wide-ci": f"95 % CI (or spread of repeats) wider than ±{CI_LIMIT_PCT:g} % of the "
                "throughput",
     "oversubscribed": "more workers than the hardware runs in parallel",
     "emulated-precision": "the precision is emulated by this hardware",
-    "wall-gap": f"the measured steps cover less than {WALL_SHARE_MIN:.0%} of the training "
+    "wall-gap": f"the measured steps cover less than {WALL_SHARE_MIN * 100:.0f} % of the training "
                 "window's wall time (epoch boundaries, loader restarts, checkpoints): the "
                 "steady-state throughput overstates the wall-clock rate",
     "not-converged": "training did not converge (no mIoU, loss did not fall, or mIoU "
@@ -455,6 +461,10 @@ def configurations(df: pd.DataFrame) -> pd.DataFrame:
         for c in _MEDIAN_COLUMNS:
             row[c] = float(g[c].median()) if g[c].notna().any() else math.nan
         row["n_repeats"] = len(g)
+        for c in TIE_COLUMNS:  # the repeats' spread, for telling a lead from noise
+            v = pd.to_numeric(g[c], errors="coerce").dropna() if c in g else pd.Series([])
+            row[f"{c}_spread_pct"] = (float((v.max() - v.min()) / abs(v.median()) * 100)
+                                      if len(v) > 1 and v.median() else math.nan)
         found = {f.strip() for text in g["flags"] for f in text.split(",") if f.strip()}
         row["flags"] = ", ".join(f for f in FLAGS if f in found)
         row["low_confidence"] = bool(found)
@@ -483,6 +493,13 @@ class Best:
     row: pd.Series | None
     note: str | None = None
     excluded: int = 0
+    # A lead inside the noise is a tie: the other configurations within ``noise_pct``
+    # of the best (their run ids), the best's lead over the runner-up, and whether the
+    # run-to-run spread was measured (repeats) or assumed (RUN_TO_RUN_PCT).
+    ties: tuple[str, ...] = ()
+    lead_pct: float = math.nan
+    noise_pct: float = math.nan
+    spread_measured: bool = False
 
 
 def _pick(conf: pd.DataFrame, objective: str, col: str, highest: bool, missing: str,
@@ -508,7 +525,41 @@ def _pick(conf: pd.DataFrame, objective: str, col: str, highest: bool, missing: 
         return Best(objective, col, None, f"all {len(have)} candidate configuration(s) "
                     f"are low-confidence ({why})", excluded=len(have))
     i = good[col].idxmax() if highest else good[col].idxmin()
-    return Best(objective, col, good.loc[i], excluded=int(weak.sum()))
+    best = good.loc[i]
+    ties, lead, noise, measured = [], math.nan, math.nan, True
+    for j, r in good.drop(index=i).sort_values(col, ascending=not highest).iterrows():
+        gap = _gap_pct(best[col], r[col], highest)
+        n, m = _noise_pct(best, r, col)
+        if math.isnan(lead):
+            lead, noise, measured = gap, n, m  # against the runner-up
+        if gap <= n:
+            ties.append(str(r.get("run_id")))
+            noise, measured = max(noise, n), measured and m
+    return Best(objective, col, best, excluded=int(weak.sum()), ties=tuple(ties),
+                lead_pct=lead, noise_pct=noise, spread_measured=measured)
+
+
+def _gap_pct(best: float, other: float, highest: bool) -> float:
+    """How far ``best`` leads ``other``, in percent of the one behind (or of the best
+    when lower is better)."""
+    base = abs(other) if highest else abs(best)
+    return (best - other if highest else other - best) / base * 100 if base else math.inf
+
+
+def _noise_pct(a: pd.Series, b: pd.Series, col: str) -> tuple[float, bool]:
+    """(the noise a lead between configurations ``a`` and ``b`` must exceed, in percent;
+    whether the run-to-run part was measured): their 95 % CIs combined (throughput and
+    efficiency) plus the larger spread of their repeats, or, without repeats,
+    :data:`RUN_TO_RUN_PCT` assumed."""
+    ci = 0.0
+    if col in ("throughput_img_s", "scaling_efficiency"):
+        ci = math.hypot(*(float(x) if x == x else 0.0 for x in
+                          (a.get("throughput_ci95_pct"), b.get("throughput_ci95_pct"))))
+    spreads = [float(s) for s in (a.get(f"{col}_spread_pct"), b.get(f"{col}_spread_pct"))
+               if s is not None and s == s]
+    if len(spreads) == 2:
+        return ci + max(spreads), True
+    return ci + RUN_TO_RUN_PCT, False
 
 
 def best_per_objective(df: pd.DataFrame) -> list[Best]:
@@ -735,7 +786,7 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
     gap = ok["flags"].str.contains("wall-gap")
     if gap.any():
         items.append(({"speed"}, f"{_count(gap, 'spent')} less than "
-                      f"{WALL_SHARE_MIN:.0%} of their training window in the measured steps "
+                      f"{WALL_SHARE_MIN * 100:.0f} % of their training window in the measured steps "
                       "(wall-gap): their wall-clock throughput (`wall img/s`) is the rate "
                       "to plan with."))
     speed_flags = ok["flags"].str.contains("few-steps|wide-ci")

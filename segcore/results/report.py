@@ -173,8 +173,24 @@ def _best_section(d: pd.DataFrame) -> list[str]:
         run = _text(r.get("run_id"))
         if r.get("n_repeats", 1) > 1:
             run = f"{run} (median of {r['n_repeats']} repeats)"
-        rows.append((b.objective, _best_value(b), _describe(pd.DataFrame([r]), ok)[0], run))
-    text = "Repeats of a configuration count as their median."
+        value = _best_value(b)
+        if b.ties:  # no winner: the value, then who it is tied with
+            value += (f" (tied within {b.noise_pct:.1f} %"
+                      + (", spread assumed" if not b.spread_measured else "")
+                      + f", with {len(b.ties)} other(s): {', '.join(b.ties)}; lead "
+                      f"{b.lead_pct:.1f} %)")
+        elif b.lead_pct == b.lead_pct:
+            value += f" (lead {b.lead_pct:.1f} % over the noise of {b.noise_pct:.1f} %)"
+        rows.append((b.objective, value, _describe(pd.DataFrame([r]), ok)[0], run))
+    bests = [b for b in analysis.best_per_objective(d) if b.row is not None]
+    text = ("Repeats of a configuration count as their median. A best is named only when "
+            "its lead exceeds the noise: the two runs' 95 % CIs combined (throughput, "
+            "efficiency) plus the larger spread of their repeats; otherwise the objective "
+            "is a tie, with the runs within it.")
+    if any(not b.spread_measured for b in bests if b.lead_pct == b.lead_pct):
+        text += (f" Without repeats the run-to-run spread is unknown: "
+                 f"{analysis.RUN_TO_RUN_PCT:g} % is assumed (measured between identical runs "
+                 "on one host); run with --repeats 3 to measure it.")
     if excluded:
         text += (" Low-confidence configurations are never picked (see Low-confidence "
                  "figures and the caveats beside the tables below).")
@@ -284,7 +300,7 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
             "only); wall img/s: the same images over the wall time of their whole window "
             "(epoch boundaries, loader restarts, checkpoints included), and measured share: "
             "the steps' part of that time (below "
-            f"{analysis.WALL_SHARE_MIN:.0%}: flagged wall-gap); p50/p99: step time; data wait: share of "
+            f"{analysis.WALL_SHARE_MIN * 100:.0f} %: flagged wall-gap); p50/p99: step time; data wait: share of "
             "step time spent waiting for input; speedup: throughput over the 1-worker run "
             "of the same configuration (median of its repeats); hw ceiling: the most "
             "speedup the hardware allows; efficiency: speedup / workers; memory MB: peak "
