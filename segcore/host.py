@@ -98,6 +98,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+# CPU flags that change results: which precisions run natively, which vector width.
+RESULT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile",
+                "amx_fp16", "sve", "asimd")
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU beyond its marketing name: vendor, family, model and stepping (two
+    "AMD EPYC" hosts can be two generations apart), and the :data:`RESULT_FLAGS` it has."""
+    out: dict[str, Any] = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "vendor_id":
+                    out["vendor"] = value
+                elif key in ("cpu family", "model", "stepping") and value.isdigit():
+                    out[key.replace("cpu ", "")] = int(value)
+                elif key in ("flags", "Features"):
+                    have = set(value.split())
+                    out["flags"] = [f for f in RESULT_FLAGS if f in have]
+    return out
+
+
 def _mem_total_mb() -> float | None:
     with contextlib.suppress(OSError, ValueError):
         with open("/proc/meminfo") as f:
@@ -246,7 +272,8 @@ def capture_env(argv: list[str] | None = None) -> dict[str, Any]:
 
     Returns:
         A JSON-serializable dict: ``timestamp_utc``, ``python_version``, ``platform``,
-        ``hostname``, ``cpu_model``, ``cpu_count``, ``cpu_affinity_count``,
+        ``hostname``, ``cpu_model``, ``cpu_id`` (:func:`cpu_identity`), ``cpu_count``,
+        ``cpu_affinity_count``,
         ``mem_total_mb``, ``torch_version``, ``torch_num_threads``, ``cuda_version``,
         ``cudnn_version``, ``nccl_version``, ``cuda_available``, ``cuda_device_count``,
         ``cuda_devices``, ``nvidia_driver_version``, ``nvml_gpus``, ``nvml_error``,
@@ -264,6 +291,7 @@ def capture_env(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": platform.machine(),
         "hostname": _guard(socket.gethostname),
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_identity(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity_count": usable_cores(),
         "mem_total_mb": _mem_total_mb(),
@@ -324,7 +352,8 @@ def hardware_tag(env: dict[str, Any]) -> str:
 
     Returns:
         e.g. ``"1xH100-80GB"``, ``"2n-8xA100-SXM4-80GB"`` (two hosts) or
-        ``"cpu-2c-intel-xeon-8481c"``; only ``[A-Za-z0-9._-]`` characters.
+        ``"cpu-2c-amd-epyc-f26m2"`` (``-f<family>m<model>`` where the env records the
+        CPU's identity); only ``[A-Za-z0-9._-]`` characters.
     """
     gpus = [(d.get("name") or "GPU", d.get("memory_mb"))
             for d in (env.get("cuda_devices") or []) if isinstance(d, dict)]
@@ -340,5 +369,9 @@ def hardware_tag(env: dict[str, Any]) -> str:
         cores = env.get("cpu_affinity_count") or env.get("cpu_count") or 0
         model = _CPU_NOISE.sub(" ", str(env.get("cpu_model") or "unknown"))
         tag = f"cpu-{int(cores)}c-{_slug(model)}"
+        ident = env.get("cpu_id") or {}
+        if isinstance(ident, dict) and "family" in ident and "model" in ident:
+            # one marketing name covers generations: family and model tell them apart
+            tag += f"-f{ident['family']}m{ident['model']}"
     tag = re.sub(r"[^A-Za-z0-9._-]+", "-", prefix + tag).strip("-.")
     return tag or "unknown"

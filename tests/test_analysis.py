@@ -426,3 +426,15 @@ def test_a_lead_inside_the_noise_is_a_tie_not_a_winner():
             row("b0", "fsdp", 41.0, 0.2, 0), row("b1", "fsdp", 41.2, 0.2, 1)]
     best = A.best_per_objective(pd.DataFrame(reps))[0]
     assert best.spread_measured and best.ties == () and best.row["engine"] == "fsdp"
+
+
+def test_an_mfu_above_one_is_a_flag_not_a_value():
+    base = {"status": "ok", "engine": "ddp", "world_size": 1, "measured_steps": 30,
+            "throughput_img_s": 10.0, "throughput_ci95_pct": 1.0, "mode": "throughput"}
+    rows = A.annotate([{**base, "run_id": "a", "batch_size": 2, "mfu": 1.36},
+                       {**base, "run_id": "b", "batch_size": 4, "mfu": 0.4,
+                        "mfu_gemm": 1.2},
+                       {**base, "run_id": "c", "batch_size": 8, "mfu": 0.4}])
+    flags = {r["run_id"]: r["flags"] for r in rows}
+    assert "impossible-mfu" in flags["a"] and "impossible-mfu" in flags["b"]
+    assert "impossible-mfu" not in flags["c"]

@@ -219,3 +219,16 @@ def test_integer_column_with_gaps_stays_integer_in_csv(tmp_path):
     text = (tmp_path / "runs.csv").read_text()
     assert ",1234," in text and "1234.0" not in text
     assert read_rows(tmp_path)["params"].tolist()[0] == 1234
+
+
+def test_the_hardware_tag_tells_cpu_generations_apart():
+    """Two hosts both named "AMD EPYC" ran the same configuration 2x apart: the CPU's
+    family and model, recorded in env.json, go into the tag."""
+    base = {"cpu_model": "AMD EPYC", "cpu_affinity_count": 2}
+    zen4 = hardware_tag({**base, "cpu_id": {"family": 25, "model": 17}})
+    zen5 = hardware_tag({**base, "cpu_id": {"family": 26, "model": 2}})
+    assert zen4 == "cpu-2c-amd-epyc-f25m17" and zen5 == "cpu-2c-amd-epyc-f26m2"
+    ident = capture_env([])["cpu_id"]
+    assert isinstance(ident, dict) and set(ident.get("flags", [])) <= {
+        "avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "amx_fp16",
+        "sve", "asimd"}

@@ -38,6 +38,8 @@ applies (:data:`FLAGS`, in that order, comma-separated). Only ok rows are flagge
 - ``oversubscribed``: the row says so (more workers x threads than cores, more workers
   than GPUs).
 - ``emulated-precision``: the row's precision is emulated by the hardware.
+- ``impossible-mfu``: an MFU (``mfu`` or ``mfu_gemm``) above 1: its ceiling was not
+  measured under the step's conditions, so it is a flag, not a value.
 - ``wall-gap``: the measured steps cover less than :data:`WALL_SHARE_MIN` of the wall
   time of their window (``measured_time_share``): epoch boundaries, loader restarts or
   checkpoint writes between them cost more than the steps say.
@@ -89,6 +91,8 @@ FLAGS = {
                "throughput",
     "oversubscribed": "more workers than the hardware runs in parallel",
     "emulated-precision": "the precision is emulated by this hardware",
+    "impossible-mfu": "MFU above 1: the ceiling it divides by was not measured under the "
+                      "step's conditions, so the figure is not a value",
     "wall-gap": f"the measured steps cover less than {WALL_SHARE_MIN * 100:.0f} % of the training "
                 "window's wall time (epoch boundaries, loader restarts, checkpoints): the "
                 "steady-state throughput overstates the wall-clock rate",
@@ -326,6 +330,13 @@ def _not_converged(d: pd.DataFrame) -> pd.Series:
     return trained & (no_miou | loss_flat | constant)
 
 
+def _num_col(d: pd.DataFrame, col: str) -> pd.Series:
+    """A numeric column that older rows may lack (NaN there)."""
+    if col not in d:
+        return pd.Series(math.nan, index=d.index)
+    return pd.to_numeric(d[col], errors="coerce")
+
+
 def _flags(d: pd.DataFrame) -> None:
     ci_wide = (d["throughput_ci95_pct"] > CI_LIMIT_PCT) | (
         d["throughput_spread_pct"] > CI_LIMIT_PCT)
@@ -334,6 +345,7 @@ def _flags(d: pd.DataFrame) -> None:
         "wide-ci": ci_wide,
         "oversubscribed": d["oversubscribed"].map(truthy).astype(bool),
         "emulated-precision": d["precision_emulated"].map(truthy).astype(bool),
+        "impossible-mfu": (d["mfu"] > 1) | (_num_col(d, "mfu_gemm") > 1),
         "wall-gap": d["measured_time_share"] < WALL_SHARE_MIN,  # NaN (older rows): False
         "not-converged": _not_converged(d),
     }
