@@ -223,6 +223,18 @@ def test_sweep_out_is_a_file_and_resume_without_out(tmp_path, env):
     assert p.returncode == 2 and "no sweep folder under runs/sweeps" in p.stderr
 
 
+def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
+    """A job that writes an ok row at once (for the driver's recording paths)."""
+    out = Path(cmd[cmd.index("--out") + 1])
+    out.mkdir(parents=True)
+    rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
+    (out / "result.json").write_text(json.dumps(
+        {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("ok")
+    return 0, False
+
+
 def test_full_disk_is_one_line_and_keeps_the_rows_written(tmp_path, monkeypatch):
     """ENOSPC while recording the second row: the first row stays, the error says how to
     continue, and no temp file is left behind."""
@@ -233,16 +245,6 @@ def test_full_disk_is_one_line_and_keeps_the_rows_written(tmp_path, monkeypatch)
     spec = SweepSpec(workers=[1], batch_sizes=[2, 4], depths=[2], engines=["ddp"],
                      loaders=["torch"], precisions=["fp32"], channels_last=[True],
                      image_size=32)
-
-    def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True)
-        rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
-        (out / "result.json").write_text(json.dumps(
-            {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("ok")
-        return 0, False
 
     real_write = rows_mod.write_bytes_atomic  # runs.jsonl is appended as bytes
     calls = []
@@ -473,16 +475,6 @@ def test_a_folder_that_stops_taking_rows_keeps_them_and_the_sweep_goes_on(tmp_pa
     spec = SweepSpec(workers=[1], batch_sizes=[2, 4, 8], depths=[2], engines=["ddp"],
                      loaders=["torch"], precisions=["fp32"], channels_last=[True],
                      image_size=32)
-
-    def fake_job(cmd, log_path, timeout_s, env, keep_fds=()):
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True)
-        rid, sid = cmd[cmd.index("--run-id") + 1], cmd[cmd.index("--sweep-id") + 1]
-        (out / "result.json").write_text(json.dumps(
-            {"run_id": rid, "sweep_id": sid, "status": "ok", "throughput_img_s": 1.0}))
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("ok")
-        return 0, False
 
     real = rows_mod.append_row
 
