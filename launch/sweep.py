@@ -189,14 +189,37 @@ def axes(items: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def _probe_batch(spec, cuda: bool, dry_run: bool) -> None:
+def _recorded(a: argparse.Namespace) -> dict | None:
+    """The grid recorded in the folder a --resume continues (its sweep.json), if any."""
+    import json
+
+    folder = Path(a.out) if a.out else None
+    if folder is None:
+        try:
+            folder = latest_sweep()
+        except ConfigError:
+            return None
+    try:
+        return json.loads((folder / "sweep.json").read_text()).get("spec")
+    except (OSError, ValueError):
+        return None
+
+
+def _probe_batch(spec, cuda: bool, dry_run: bool, recorded: dict | None = None) -> None:
     """The GPU preset's per-GPU batch: the largest that fits (segcore.train.probe, in a
-    process of its own so this one holds no GPU memory), recorded in every row."""
+    process of its own so this one holds no GPU memory), recorded in every row. A
+    resumed sweep keeps the batch its folder recorded (a new probe could differ)."""
     import json
     import subprocess
 
     from segcore.sweep.grid import GPU_CPU_BATCH, GPU_HEADROOM
 
+    if recorded and recorded.get("preset_rows"):
+        spec.preset_rows = recorded["preset_rows"]
+        spec.row_extra = recorded.get("row_extra") or {}
+        print(f"batch {spec.preset_rows[0]['batch']} per GPU, as this sweep recorded it",
+              flush=True)
+        return
     row = spec.preset_rows[0]
     if not cuda or dry_run:
         why = "no GPU here" if not cuda else "--dry-run"
@@ -250,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         from segcore.sweep.grid import PRESET_FIELDS, SweepSpec, preset
 
         cuda = torch.cuda.is_available()
+        argv_used = list(sys.argv[1:] if argv is None else argv)
         if (a.preset is None and cuda and not a.resume
                 and all(getattr(a, f) is None for f in WORKLOAD_FLAGS)):
             a.preset = "gpu"
+            argv_used += ["--preset", "gpu"]  # so that the resume command says it
             print("CUDA is visible: the default workload is --preset gpu (U-Net widths "
                   "64-1024, 512 px, bf16, channels-last, eager and compiled, the per-GPU "
                   "batch probed); give any workload flag for another", flush=True)
@@ -302,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
                 if key in p:
                     setattr(spec, key, p[key])
             spec.axes = {**p.get("axes", {}), **spec.axes}
+            spec.preset = a.preset
             if p.get("probe_batch"):
-                _probe_batch(spec, cuda, a.dry_run)
+                _probe_batch(spec, cuda, a.dry_run, _recorded(a) if a.resume else None)
         node_rank = a.node_rank
         if node_rank is None:
-            node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0")))
+            raw = os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", "0"))
+            if not raw.isdigit():
+                raise ConfigError(f"the node rank from SLURM_NODEID / GROUP_RANK is {raw!r}; "
+                                  "pass --node-rank N")
+            node_rank = int(raw)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         sweep_id = a.sweep_id or f"{hardware_tag(capture_env([]))}-{stamp}"
         if a.out:
@@ -328,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         run_sweep(spec, out, sweep_id, resume=a.resume, dry_run=a.dry_run,
                   is_writer=node_rank == 0, log=lambda m: print(m, flush=True),
-                  argv=sys.argv if argv is None else ["launch/sweep.py", *argv])
+                  argv=[sys.argv[0] if argv is None else "launch/sweep.py", *argv_used])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

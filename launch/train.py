@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" \
         else ""
     say = (lambda msg: print(msg, flush=True)) if rank in (None, "0") else (lambda _m: None)
+    out_hint = a.out or RunConfig().out  # the run's folder once its config is known
     try:
         # Under a sweep the worker dies with its parent (the torchrun agent), kill -9
         # included, so no orphan keeps training.
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = config_from_args(a)
         out = Path(cfg.out)
+        out_hint = str(out)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the run's outputs")
         from segcore.train.run import run
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel, preemption): the same
         print(f"{prefix}interrupted ({interruption(e)}): checkpoints already written are "
-              f"kept; continue with --resume --out {a.out or RunConfig().out}",
+              f"kept; continue with --resume --out {out_hint}",
               file=sys.stderr, flush=True)
         return 130
     except Exception as e:

@@ -167,6 +167,7 @@ def test_accuracy_mode_cut_resume_and_resume_into_validation(tmp_path, env, ddp_
     assert row["mIoU"] == row["mIoU"] and row["epochs"] == 2 and row["world_size"] == 2
 
 
+@pytest.mark.slow  # in process: test_trainer.py's early-stopping test under ZeRO-3
 def test_early_stopping_stops_every_rank_together_under_zero3(tmp_path, env):
     # lr 1e-9: mIoU never improves after epoch 1; patience 1 ends the run after epoch 2.
     # A rank that went on would wait in a collective: the 30 s timeout fails the job.

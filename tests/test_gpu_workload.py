@@ -95,3 +95,27 @@ def test_synthetic_512px_throughput_run_writes_no_checkpoint_and_both_throughput
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "b" / "last.pt").is_file()
+
+
+def test_a_resumed_gpu_preset_keeps_the_batch_its_folder_recorded(tmp_path, capsys):
+    """A new probe could find another batch (and so other run ids): a resume takes the
+    recorded one, and what the rows were told about it is not part of the grid."""
+    from segcore.sweep.driver import _record_start, check_resume_spec
+    from segcore.sweep.grid import SweepSpec, preset
+
+    sweep_cli = importlib.import_module("launch.sweep")
+    p = preset("gpu")
+    spec = SweepSpec(workers=[1], batch_sizes=[4], depths=[3], engines=["ddp"],
+                     loaders=p["loaders"], precisions=p["precisions"],
+                     channels_last=p["channels_last"], preset_rows=[dict(p["rows"][0],
+                                                                         batch=24)],
+                     row_extra={"batch_source": "probe", "batch_probe_peak_mb": 100.0},
+                     preset="gpu")
+    _record_start(tmp_path, spec, "sid", ["x"], resume=False)
+    again = SweepSpec(**{**spec.to_dict(), "preset_rows": [dict(p["rows"][0])],
+                         "row_extra": {}})
+    recorded = json.loads((tmp_path / "sweep.json").read_text())["spec"]
+    sweep_cli._probe_batch(again, cuda=True, dry_run=False, recorded=recorded)
+    assert again.preset_rows[0]["batch"] == 24 and "recorded" in capsys.readouterr().out
+    again.row_extra = {"batch_source": "probe", "batch_probe_peak_mb": 101.0}
+    assert check_resume_spec(tmp_path, again) == "sid"

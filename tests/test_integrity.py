@@ -76,6 +76,9 @@ def check_rows(out: Path, n: int, sweep_id: str | None = None) -> list[dict]:
     return rows
 
 
+# slow: the lock itself is tested in-process (test_the_writer_lock_cannot_be_deleted_away,
+# test_sweep.py::test_one_writer_per_folder)
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_a_second_writer_is_refused_while_a_sweep_runs(tmp_path, env):
     out = tmp_path / "s"
@@ -620,3 +623,25 @@ def test_a_killed_driver_takes_its_job_along_under_a_subreaper(tmp_path, env):
                        env=env, capture_output=True, text=True, timeout=200)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip().endswith("left: []"), p.stdout
+
+
+def test_the_writer_lock_falls_back_to_a_file_where_folders_cannot_be_locked(tmp_path,
+                                                                            monkeypatch):
+    """NFS maps flock to byte-range locks, which a folder opened read-only cannot take."""
+    import fcntl
+    import stat
+
+    from segcore.sweep.driver import FolderBusy, writer_lock
+
+    real = fcntl.flock
+
+    def nfs_like(fd, op):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", nfs_like)
+    with writer_lock(tmp_path, ["sweep"]):
+        with pytest.raises(FolderBusy, match="another sweep"):
+            with writer_lock(tmp_path, ["second"]):
+                pass

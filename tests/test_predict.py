@@ -787,3 +787,22 @@ def test_a_png_whose_data_ends_before_its_header_says_is_skipped(tmp_path, capsy
     assert len(skip) == 1 and "b_short.png" in skip[0]
     assert f"holds 20 of the {h} rows" in skip[0]
     assert list(read_csv(out).index) == ["a_good.png", "ALL"]
+
+
+def test_a_png_with_damaged_data_is_one_line_not_a_traceback(tmp_path):
+    import struct
+    import zlib
+
+    from segcore.data.images import ImageReadError, read_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path = tmp_path / "bad.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2,
+                                                                       0, 0, 0))
+                     + chunk(b"IDAT", b"\x78\x9c" + b"\xff" * 40) + chunk(b"IEND", b""))
+    with pytest.raises(ImageReadError) as e:
+        read_image(path)
+    assert "\n" not in str(e.value)

@@ -218,6 +218,9 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, env):
     assert all(load_config(w).resolved for w in written)
 
 
+# slow: the same command as users type it is test_headline.py's (in CI); failure rows
+# and resume are the integrity tests' (kill -9, SIGTERM, OOM rows)
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_tiny_sweep_end_to_end_with_a_failing_configuration_and_resume(tmp_path, env):
     out = tmp_path / "sweep"

@@ -164,6 +164,20 @@ def _check_png_rows(path: Path, w: int, h: int) -> None:
     import struct
     import zlib
 
+    try:
+        out, row_bytes = _png_data_rows(path, w)
+    except (zlib.error, struct.error, IndexError) as e:
+        raise ImageReadError(f"damaged PNG data ({type(e).__name__}: {e})") from None
+    if row_bytes and out < h * row_bytes:
+        raise ImageReadError(f"its data holds {out // row_bytes} of the {h} rows its header "
+                             "promises (truncated or damaged)")
+
+
+def _png_data_rows(path: Path, w: int) -> tuple[int, int | None]:
+    """(bytes its compressed data holds, bytes per row; None: interlaced, not checked)."""
+    import struct
+    import zlib
+
     with open(path, "rb") as f:
         f.read(8)
         d = zlib.decompressobj()
@@ -179,7 +193,7 @@ def _check_png_rows(path: Path, w: int, h: int) -> None:
             if kind == b"IHDR":
                 depth, ctype, interlace = data[8], data[9], data[12]
                 if interlace:  # Adam7 passes have another size: leave it to PIL
-                    return
+                    return 0, None
                 bits = _PNG_CHANNELS.get(ctype, 1) * depth
                 row_bytes = 1 + (w * bits + 7) // 8
             elif kind == b"IDAT":
@@ -191,9 +205,7 @@ def _check_png_rows(path: Path, w: int, h: int) -> None:
             elif kind == b"IEND":
                 break
         out += len(d.flush())
-    if row_bytes and out < h * row_bytes:
-        raise ImageReadError(f"its data holds {out // row_bytes} of the {h} rows its header "
-                             "promises (truncated or damaged)")
+    return out, row_bytes
 
 
 def read_truth(path: str | Path, sch: ClassScheme, kind: str = "target",

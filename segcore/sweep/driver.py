@@ -28,8 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from segcore.config import ConfigError, dump_config
-from segcore.faults import interruption
+from segcore.config import ConfigError, dump_config, load_config
+from segcore.faults import interruption, one_line
 from segcore.fmt import fmt
 from segcore.io import hold_folder
 from segcore.sweep.grid import Job, SweepSpec, expand
@@ -68,7 +68,16 @@ def writer_lock(out_dir: Path, argv: list[str]) -> Iterator[int]:
     path = out_dir / LOCK
     fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise
+        except OSError:
+            # A file system that cannot lock a folder (NFS maps flock to byte-range
+            # locks, which need a file open for writing): the holder's file instead.
+            os.close(fd)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         try:
             holder = path.read_text(errors="replace").strip() or "unknown"
@@ -146,8 +155,13 @@ def _read_plan(out_dir: Path, spec: SweepSpec, log: Log,
     while time.time() < deadline:
         try:
             plan = json.loads((out_dir / PLAN).read_text())
-            # This launch's, not an earlier one's (allowing a minute of clock skew).
-            if plan.get("attempt") == attempt and plan.get("written_unix", 0) > started - 60:
+            # This launch's, not an earlier one's: under Slurm the job id says so; without
+            # it, a plan written before this node started (10 minutes of skew allowed)
+            # is an earlier launch's.
+            fresh = bool(os.environ.get("SLURM_JOB_ID")) or \
+                plan.get("written_unix", 0) > started - 600
+            if plan.get("attempt") == attempt and fresh and isinstance(
+                    plan.get("run_ids"), list) and plan.get("sweep_id"):
                 log(f"plan from the writer node: {len(plan['run_ids'])} configuration(s), "
                     f"sweep {plan['sweep_id']}")
                 return plan
@@ -291,15 +305,11 @@ def run_sweep(spec: SweepSpec, out_dir: Path, sweep_id: str, resume: bool = Fals
         # The plan (sweep id, configurations to run, in order) comes from the writer
         # node only; this node writes nothing into the results folder.
         plan = _read_plan(out_dir, spec, log)
-        by_id = {j.run_id: j for j in expand(spec, plan["sweep_id"], out_dir)}
-        missing = [r for r in plan["run_ids"] if r not in by_id]
-        if missing:
-            raise ConfigError(f"the writer node's plan in {out_dir / PLAN} names "
-                              f"configurations this node's flags do not give "
-                              f"({', '.join(missing[:3])}): start every node with the same "
-                              "sweep flags")
-        _run_jobs([by_id[r] for r in plan["run_ids"]], spec, out_dir, plan["sweep_id"],
-                  set(), None, False, log)
+        planned = []
+        for rid in plan["run_ids"]:  # the writer's configuration files, not our own grid
+            cfg = load_config(config_path(out_dir, rid))
+            planned.append(Job(rid, max(1, cfg.train.world_size // spec.nnodes), cfg))
+        _run_jobs(planned, spec, out_dir, plan["sweep_id"], set(), None, False, log)
         return out_dir
     with writer_lock(out_dir, argv) as lock_fd:
         if resume:
@@ -353,9 +363,12 @@ def _measure_interconnect(out_dir: Path, spec: SweepSpec, jobs: list[Job], log: 
         commbench_for_sweep(out_dir, max(spec.workers),
                             [(j.config.model.arch, j.config.model.widths,
                               j.config.data.class_scheme) for j in jobs])
-    except (CommbenchError, OSError, ValueError) as e:
+    except CommbenchError as e:
         log(f"warning: interconnect not measured ({e}); the sweep goes on, and the "
             "report's scaling model says so")
+    except Exception as e:  # telemetry: never a lost sweep
+        log(f"warning: interconnect not measured ({type(e).__name__}: {one_line(e)}); "
+            "the sweep goes on, and the report's scaling model says so")
 
 
 def _resume_command(argv: list[str], out_dir: Path) -> str:

@@ -74,10 +74,12 @@ class SweepSpec:
     # Columns every row of the sweep carries (how its batch was chosen: the GPU preset's
     # memory probe).
     row_extra: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
 
     # How the jobs reach each other and how long they may take, not what they are: a
-    # resumed sweep (a new Slurm job: another rendezvous endpoint) may differ here.
-    TRANSPORT = ("timeout_s", "rdzv_endpoint")
+    # resumed sweep (a new Slurm job: another rendezvous endpoint) may differ here; and
+    # what the rows are told about how the grid was made (row_extra).
+    TRANSPORT = ("timeout_s", "rdzv_endpoint", "row_extra")
 
     def to_dict(self) -> dict[str, Any]:
         """What defines the grid (recorded in the folder; ``--resume`` must match it,

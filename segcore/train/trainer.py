@@ -48,8 +48,8 @@ class TrainResult:
     stopped_early: bool = False
     # Model weights at the end of the accuracy budget (mode both: before the window).
     final_weights: dict[str, Any] | None = None
-    # Energy of this rank's device over the timed window (warm-up included), and the
-    # optimizer steps in it; None: no counter (see segcore.train.energy).
+    # Energy of this rank's device over the timed window's measured steps (warm-up
+    # excluded), and those steps; None: no counter (see segcore.train.energy).
     energy_j: float | None = None
     energy_steps: int = 0
 
@@ -186,6 +186,8 @@ class Trainer:
         self._step = 0
         self._fault = None  # set by fit() from SEGBENCH_FAULT
         self.energy = None  # a segcore.train.energy.EnergyCounter, set by the caller
+        # (joules, step) when the timed window's measured steps began; (None, 0): armed
+        self._energy_start: tuple[float | None, int] | None = None
 
     @property
     def step(self) -> int:
@@ -367,8 +369,8 @@ class Trainer:
             with timer.paused():
                 self._check_finite()  # before anything of this epoch is saved
             last = self._step >= total_steps
-            if not accuracy and not checkpoints:
-                continue  # a throughput window after training: nothing to record
+            if not accuracy and self.cfg.mode != "throughput":
+                continue  # the window after an accuracy budget: nothing to record
             self.train_time_s += time.perf_counter() - t_epoch
             with timer.paused():  # epoch bookkeeping is not training time
                 all_reduce_sum(loss_acc)
@@ -403,16 +405,20 @@ class Trainer:
 
     def _timed_window(self, total_steps: int, timer: StepTimer, result: TrainResult,
                       checkpoints: bool) -> None:
-        """The throughput window, with the device's energy read at its ends."""
-        e0 = self.energy.read() if self.energy is not None else None
-        s0 = self._step
+        """The throughput window, the device's energy read when warm-up ends (in
+        :meth:`_one_step`) and at the window's end: the measured steps' energy."""
+        self._energy_start = None if self.energy is None else (None, 0)
         self._train(total_steps, timer, result, accuracy=False, checkpoints=checkpoints)
-        if e0 is not None:
-            if self.ctx.device.type == "cuda":
-                torch.cuda.synchronize(self.ctx.device)  # the window's work is done
+        start, self._energy_start = self._energy_start, None
+        if start is not None and start[0] is not None:
+            self._sync()  # the window's work is done
             e1 = self.energy.read()
             if e1 is not None:
-                result.energy_j, result.energy_steps = e1 - e0, self._step - s0
+                result.energy_j, result.energy_steps = e1 - start[0], self._step - start[1]
+
+    def _sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
 
     def _check_finite(self) -> None:
         """Raise :class:`Diverged` on every rank if any rank's loss since the last check
@@ -468,6 +474,9 @@ class Trainer:
         timer.end(n_img * self.ctx.world_size)
         if self.memory is not None and self.memory.phase == "warmup" and not timer.in_warmup:
             self.memory.enter("train")  # from here on: the steady training step's peak
+        if self._energy_start == (None, 0) and not timer.in_warmup:
+            self._sync()  # warm-up (compilation included) stays out of the energy
+            self._energy_start = (self.energy.read(), self._step + 1)
         self._step += 1
         return torch.stack(losses)
 
