@@ -116,7 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep in --out (default: the latest under "
                         "runs/sweeps): run only configurations not yet recorded")
-    p.add_argument("--dry-run", action="store_true", help="print each job's command only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each workload and job command, and write the config files "
+                        "the commands name; run nothing")
     p.add_argument("--set", dest="set_items", action="append", default=[],
                    metavar="PATH=VALUE",
                    help="any configuration field for every job, e.g. --set "
