@@ -99,6 +99,9 @@ def test_a_second_writer_is_refused_while_a_sweep_runs(tmp_path, env):
     check_rows(out, 1, "first")
 
 
+# slow: in CI the subreaper test kills the driver the same way, and the SIGTERM test
+# resumes a sweep to its end
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_kill_9_of_the_driver_takes_its_job_along_and_resume_completes(tmp_path, env):
     out = tmp_path / "k"
@@ -403,6 +406,7 @@ def test_sigterm_to_a_sweep_records_the_job_in_flight_and_resume_finishes(tmp_pa
     assert [(r["run_id"], r["status"]) for r in rows] == [(run_id, "ok")]
 
 
+@pytest.mark.slow  # in CI: the Slurm template's SIGTERM test stops train.py the same way
 def test_sigterm_to_train_py_is_ctrl_c_with_a_row_and_the_resume_command(tmp_path, env):
     out = tmp_path / "run"
     log = tmp_path / "log.txt"
