@@ -39,7 +39,8 @@ applies (:data:`FLAGS`, in that order, comma-separated). Only ok rows are flagge
   than GPUs).
 - ``emulated-precision``: the row's precision is emulated by the hardware.
 - ``impossible-mfu``: an MFU (``mfu`` or ``mfu_gemm``) above 1: its ceiling was not
-  measured under the step's conditions, so it is a flag, not a value.
+  measured under the step's conditions, so it is a flag, not a value. It concerns the
+  MFU alone (:data:`VALUE_FLAGS`): the row is not low-confidence for it.
 - ``wall-gap``: the measured steps cover less than :data:`WALL_SHARE_MIN` of the wall
   time of their window (``measured_time_share``): epoch boundaries, loader restarts or
   checkpoint writes between them cost more than the steps say.
@@ -83,6 +84,9 @@ WALL_SHARE_MIN = 0.8  # measured step time / wall time of the window, below it: 
 # assumed (the spread measured between identical runs on one 2-core host was about 6 %,
 # 6x their within-run CI), and the report says it was assumed.
 RUN_TO_RUN_PCT = 6.0
+# Flags about one derived value, not the row: the MFU is shown as flagged, while the row's
+# throughput, memory and accuracy stand (the ceiling it divides by is what is wrong).
+VALUE_FLAGS = ("impossible-mfu",)
 TIE_COLUMNS = ("throughput_img_s", "scaling_efficiency", "memory_mb", "mIoU",
                "time_to_target_s")
 FLAGS = {
@@ -352,7 +356,9 @@ def _flags(d: pd.DataFrame) -> None:
     ok = d["ok"].to_numpy(bool)
     masks = {k: (v.to_numpy(bool) & ok) for k, v in checks.items()}
     d["flags"] = [", ".join(k for k in FLAGS if masks[k][i]) for i in range(len(d))]
-    d["low_confidence"] = (d["flags"] != "").astype(bool)
+    d["low_confidence"] = pd.Series(
+        [bool(set(f.split(", ")) - {""} - set(VALUE_FLAGS)) for f in d["flags"]],
+        index=d.index, dtype=bool)
     base = d["ok"] & (d["world_size"] == 1)
     weak = set(d.loc[base & d["low_confidence"], "family"])
     d["baseline_low_confidence"] = d["family"].map(lambda k: k in weak).astype(bool)
@@ -479,7 +485,7 @@ def configurations(df: pd.DataFrame) -> pd.DataFrame:
                                       if len(v) > 1 and v.median() else math.nan)
         found = {f.strip() for text in g["flags"] for f in text.split(",") if f.strip()}
         row["flags"] = ", ".join(f for f in FLAGS if f in found)
-        row["low_confidence"] = bool(found)
+        row["low_confidence"] = bool(found - set(VALUE_FLAGS))
         row["baseline_low_confidence"] = bool(g["baseline_low_confidence"].any())
         rows.append(row)
     if not rows:
@@ -522,6 +528,7 @@ def _pick(conf: pd.DataFrame, objective: str, col: str, highest: bool, missing: 
         # A speed or memory figure stands whether or not the run converged: only the
         # flags about the measurement itself bar it.
         weak = pd.Series([any(x.strip() in FLAGS and x.strip() != "not-converged"
+                               and x.strip() not in VALUE_FLAGS
                                for x in str(f).split(",")) for f in have["flags"]],
                          index=have.index, dtype=bool)
     else:
@@ -795,6 +802,12 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
         what = _count(emu, "ran a precision this hardware only emulates")
         items.append(({"speed"}, f"{what} ({_fmt_set(ok.loc[emu, 'precision'])}): their "
                       "timings measure the emulation, not the precision."))
+    mfu = ok["flags"].str.contains("impossible-mfu")
+    if mfu.any():
+        items.append(({"speed"}, f"{_count(mfu, 'recorded')} an MFU above 1 "
+                      "(impossible-mfu): the ceiling it divides by was not measured under "
+                      "the step's conditions, so runs.csv's `mfu`/`mfu_gemm` there are not "
+                      "values; their throughput stands."))
     gap = ok["flags"].str.contains("wall-gap")
     if gap.any():
         items.append(({"speed"}, f"{_count(gap, 'spent')} less than "
