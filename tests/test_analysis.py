@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from segcore.results import analysis as A
+from segcore.results import caveats as C
 
 
 def row(run_id: str, **kw) -> dict:
@@ -320,26 +321,26 @@ def test_caveats_name_each_condition_that_applies():
                  row("w4", world_size=4, hw_parallel_limit=2, oversubscribed=True,
                      throughput_img_s=20.0, throughput_ci95_pct=2.0),
                  row("bf", precision="bf16", precision_emulated=True))
-    texts = A.caveats(d, {"accelerator": "cpu"})
+    texts = C.caveats(d, {"accelerator": "cpu"})
     assert texts[0].startswith("CPU host")
     over = next(t for t in texts if "oversubscribed" in t)
     assert over.startswith("1 run oversubscribed") and "(2×)" in over
     assert any("emulates" in t and "bf16" in t for t in texts)
     assert not any("too few samples" in t for t in texts)
-    assert A.caveats(d, {"accelerator": "cpu"}, "accuracy") == []
+    assert C.caveats(d, {"accelerator": "cpu"}, "accuracy") == []
     gpu = analysed(row("g", device_type="cuda", throughput_ci95_pct=2.0))
-    assert A.caveats(gpu, {"accelerator": "cuda"}) == []
+    assert C.caveats(gpu, {"accelerator": "cuda"}) == []
 
 
 def test_caveats_spread_and_memory():
     d = analysed(row("a", measured_steps=3, peak_mem_mb=600.0))
-    speed = A.caveats(d, {}, "speed")
+    speed = C.caveats(d, {}, "speed")
     assert any("1 run rest on too few samples" in t for t in speed)
     assert any("No confidence interval recorded" in t for t in speed)
-    mem = A.caveats(d, {}, "memory")
+    mem = C.caveats(d, {}, "memory")
     assert len(mem) == 2 and "peak RSS" in mem[1]
     d = analysed(row("a", peak_mem_mb=600.0, mem_workload_mb=50.0, throughput_ci95_pct=1.0))
-    assert "above the process baseline" in A.caveats(d, {}, "memory")[1]
+    assert "above the process baseline" in C.caveats(d, {}, "memory")[1]
 
 
 def acc_rows(rule: str | None, budgets=(136, 136)) -> pd.DataFrame:
@@ -352,28 +353,28 @@ def acc_rows(rule: str | None, budgets=(136, 136)) -> pd.DataFrame:
 
 
 def test_accuracy_caveats_lr_rule_and_budget():
-    none = A.caveats(acc_rows(None), {}, "accuracy")
+    none = C.caveats(acc_rows(None), {}, "accuracy")
     assert len(none) == 1 and "without an lr scaling rule" in none[0]
-    assert len(A.caveats(acc_rows("none"), {}, "accuracy")) == 1
-    assert A.caveats(acc_rows("linear"), {}, "accuracy") == []
-    uneven = A.caveats(acc_rows("linear", budgets=(136, 64)), {}, "accuracy")
+    assert len(C.caveats(acc_rows("none"), {}, "accuracy")) == 1
+    assert C.caveats(acc_rows("linear"), {}, "accuracy") == []
+    uneven = C.caveats(acc_rows("linear", budgets=(136, 64)), {}, "accuracy")
     assert len(uneven) == 1 and "budget" in uneven[0]
-    text = A.accuracy_budget(acc_rows("linear"))
+    text = C.accuracy_budget(acc_rows("linear"))
     assert text == ("Budget (samples seen): 1 worker: 136 samples in 34 steps at lr 0.003; "
                     "2 workers: 136 samples in 17 steps at lr 0.006. lr rule: linear.")
-    assert A.accuracy_budget(analysed(row("t"))) is None
+    assert C.accuracy_budget(analysed(row("t"))) is None
 
 
 def test_accuracy_caveat_not_converged():
     d = analysed(row("w1", mode="both", mIoU=0.6), row("b8", batch_size=8, mode="both",
                                                         mIoU=0.05))
-    texts = A.caveats(d, {}, "accuracy")
+    texts = C.caveats(d, {}, "accuracy")
     assert len(texts) == 1 and texts[0].startswith("1 run did not converge")
 
 
 def test_budget_estimate_without_samples_seen():
     d = analysed(row("a", steps=10, global_batch_size=8))
-    budget, source = A.sample_budget(d)
+    budget, source = C.sample_budget(d)
     assert budget.tolist() == [80.0] and source == "steps × global batch"
 
 

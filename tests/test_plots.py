@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from segcore.io import write_json_atomic
-from segcore.results import analysis, labels, panels, plots, report
+from segcore.results import analysis, caveats, labels, panels, plots, report
 from segcore.results.rows import append_row, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def drawn(tmp_path_factory) -> tuple[Path, dict[str, plots.PlotResult]]:
     folder = make_sweep(tmp_path_factory.mktemp("sweep") / "cpu-test")
     res = plots.plot_all(read_rows(folder), folder / "plots",
                          labels.describe_context(read_rows(folder),
-                                                 analysis.read_env(folder)))
+                                                 caveats.read_env(folder)))
     report.write_report(folder, res)
     return folder, res
 

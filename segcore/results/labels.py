@@ -17,8 +17,8 @@ import pandas as pd
 from segcore.errors import ConfigError
 from segcore.host import hardware_tag
 from segcore.registry import engine_spec
-from segcore.results.analysis import (analysed, family_columns, family_keys, is_cpu, norm,
-                                    read_env)
+from segcore.results.analysis import analysed, family_columns, family_keys, norm
+from segcore.results.caveats import is_cpu, read_env
 
 __all__ = ["DIM_ORDER", "piece", "describe_keys", "describe_rows", "default_label",
            "dim_rank", "describe_context", "folder_labels", "seconds"]

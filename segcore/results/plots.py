@@ -34,7 +34,8 @@ from matplotlib.ticker import FuncFormatter
 
 from segcore.fmt import fmt
 from segcore.results import analysis
-from segcore.results.analysis import family_keys, norm, read_env, sort_key, truthy
+from segcore.results.analysis import family_keys, norm, sort_key, truthy
+from segcore.results.caveats import is_cpu, read_env
 from segcore.results.labels import (describe_keys, folder_labels, piece,
                                   seconds)
 from segcore.results.panels import (HOLLOW, Group, Line, Metric, grid, palette, render, save,
@@ -610,7 +611,7 @@ def plot_compare(folders: Sequence[str | Path], out: str | Path,
     folders = [Path(f) for f in folders]
     labels = list(labels) if labels is not None else folder_labels(folders)
     data = [(lab, read_rows(f)) for lab, f in zip(labels, folders)]
-    cpu = any(analysis.is_cpu(df, read_env(f)) for f, (_, df) in zip(folders, data))
+    cpu = any(is_cpu(df, read_env(f)) for f, (_, df) in zip(folders, data))
     context = f"comparing {len(folders)} results folders" + (
         " · CPU: relative effects, not GPU performance" if cpu else "")
     return _plot_each(data, Path(out), context)

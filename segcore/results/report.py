@@ -23,7 +23,9 @@ from segcore.fmt import DASH, fmt, markdown_table, missing
 from segcore.io import write_text_atomic
 from segcore.results import analysis, plots
 from segcore.results.study import study_section
-from segcore.results.analysis import norm, read_env, sort_key, truthy
+from segcore.results import caveats as cav
+from segcore.results.analysis import norm, sort_key, truthy
+from segcore.results.caveats import read_env
 from segcore.results.labels import describe_context, describe_rows, folder_labels
 from segcore.results.rows import read_rows
 
@@ -292,8 +294,8 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     t.add("flags", _flags, "l")
     t.add("run", lambda r: _text(r.get("run_id")), "l")
     mem = sorted({_MEM_SOURCE_TEXT.get(s, s) for s in d["memory_source"].dropna()})
-    notes = list(dict.fromkeys(analysis.caveats(d, env, "speed")
-                               + analysis.caveats(d, env, "memory")))
+    notes = list(dict.fromkeys(cav.caveats(d, env, "speed")
+                               + cav.caveats(d, env, "memory")))
     return ["## Results", "",
             "One row per run. img/s: images per second over all workers, with its 95 % "
             "confidence interval where recorded (the steady state: the measured steps "
@@ -317,7 +319,7 @@ def _accuracy_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     acc = d[d["ok"] & (d["mIoU"].notna() | d["flags"].str.contains("not-converged"))]
     if not len(acc):
         return []
-    budget, source = analysis.sample_budget(acc)
+    budget, source = cav.sample_budget(acc)
     target = sorted({norm(v) for v in acc["target_miou"]} - {None})
     t = _config_table(acc)
     t.add("samples", lambda r: _f(budget[r.name], ".0f"))
@@ -339,8 +341,8 @@ def _accuracy_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
                                 else "the target") + "; quality speedup: the 1-worker "
             "run's time to target over this run's (MLPerf's quality-aware speedup: time "
             "to the same accuracy, not to the same step count).", "",
-            f"**{analysis.accuracy_budget(acc)}**", "",
-            *_caveat_lines(analysis.caveats(acc, env, "accuracy")),
+            f"**{cav.accuracy_budget(acc)}**", "",
+            *_caveat_lines(cav.caveats(acc, env, "accuracy")),
             t.render(_sorted_rows(acc))]
 
 
@@ -502,7 +504,7 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
              f"{_status_summary(d)}. Results folder `{folder.resolve().name}`; report "
              f"written {now} from runs.jsonl (redraw: `python launch/plot.py "
              f"{folder.as_posix()}`).", ""]
-    if analysis.is_cpu(d, env):
+    if cav.is_cpu(d, env):
         lines += ["> **⚠ CPU run: CPU timings show code paths and relative effects, not "
                   "GPU performance.** Each worker is a CPU process (gloo backend) sharing "
                   "the host's cores; throughput, speedup and memory here say which code "
@@ -553,7 +555,7 @@ def write_compare(folders: Sequence[str | Path], out: str | Path) -> Path:
     lines = [f"# Comparison of {len(folders)} results folders", "",
              markdown_table(["label", "folder", "hardware", "git commit", "runs",
                              "best img/s"], rows, ["l", "l", "l", "l", "l", "r"])]
-    if any(analysis.is_cpu(None, read_env(f)) for f in folders):
+    if any(cav.is_cpu(None, read_env(f)) for f in folders):
         lines += ["> **⚠ At least one folder is a CPU run: CPU timings show code paths "
                   "and relative effects, not GPU performance.**", ""]
     lines += _plots_section(results, out)
