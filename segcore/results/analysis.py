@@ -9,8 +9,8 @@ Every reader of a results folder (the sweep's last step, the figures, ``report.m
   low-confidence flags and the Pareto front (columns in :data:`DERIVED_COLUMNS`).
 - :func:`annotate` does the same for the sweep driver and returns rows with the
   persistent columns (:data:`ANNOTATION_COLUMNS`) filled, to be written back.
-- :func:`configurations`, :func:`best_per_objective`, :func:`pareto_front` and
-  :func:`caveats` are the judgements the report prints.
+- :func:`configurations`, :func:`best_per_objective` and :func:`pareto_front` are the
+  judgements the report prints (its caveats: :mod:`segcore.results.caveats`).
 
 Definitions
 -----------
@@ -50,7 +50,7 @@ applies (:data:`FLAGS`, in that order, comma-separated). Only ok rows are flagge
   mIoU is at most 1 / ``num_classes``: the best mIoU a constant prediction (every pixel
   the majority class, IoU = that class's pixel share, 0 elsewhere) can reach.
 
-A CPU host is a condition of the whole folder, not a flag: :func:`caveats` says it.
+A CPU host is a condition of the whole folder, not a flag: :mod:`segcore.results.caveats` says it.
 Flagged rows are never picked as best (:func:`best_per_objective`) and never on the
 Pareto front.
 """
@@ -623,7 +623,7 @@ def pareto_front(df: pd.DataFrame) -> pd.Series:
 
     Candidates: ok rows with a positive ``train_time_s`` and a finite ``mIoU`` that are
     not low-confidence (not-converged runs included in that). Comparing runs trained to
-    different budgets is the caller's caveat (:func:`caveats`).
+    different budgets is the caller's caveat (:mod:`segcore.results.caveats`).
 
     Args:
         df: rows with ``train_time_s``, ``mIoU``, ``ok`` and ``low_confidence`` (an
