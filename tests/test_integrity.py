@@ -374,25 +374,32 @@ def _wait_for(proc, path: Path, text: str, timeout: float = 120) -> None:
     raise AssertionError(f"{text!r} not seen in {path}")
 
 
+def _sigterm_when(argv: list[str], env, console: Path, watched: Path,
+                  text: str) -> tuple[int, str]:
+    """Start ``argv`` (output to ``console``), send SIGTERM once ``watched`` shows
+    ``text``; (exit code, console output)."""
+    with open(console, "w") as f:
+        proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_for(proc, watched, text)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return rc, console.read_text()
+
+
 @pytest.mark.multiproc
 def test_sigterm_to_a_sweep_records_the_job_in_flight_and_resume_finishes(tmp_path, env):
     """scancel / a time limit / preemption send SIGTERM: handled as Ctrl-C, and the
     configuration in flight gets an `interrupted` row that --resume runs again."""
     out = tmp_path / "s"
     args = [SWEEP, "--gpus", "1", "--batch-sizes", "2", *TINY, "--out", str(out)]
-    console = tmp_path / "console.txt"
     run_id = "w1-six-u1632-b2-ddp-torch-fp32-cl"
-    with open(console, "w") as f:
-        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=f,
-                                stderr=subprocess.STDOUT, text=True)
-        try:
-            _wait_for(proc, out / "logs" / f"{run_id}.log", "data: ")  # the job is training
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = console.read_text()
+    # the job is training once its log shows the data line
+    rc, text = _sigterm_when([sys.executable, *args], env, tmp_path / "console.txt",
+                             out / "logs" / f"{run_id}.log", "data: ")
     assert rc == 130, text[-2000:]
     assert "interrupted (SIGTERM)" in text and "--resume" in text and "Traceback" not in text
     rows = read_records(out)
@@ -409,20 +416,11 @@ def test_sigterm_to_a_sweep_records_the_job_in_flight_and_resume_finishes(tmp_pa
 @pytest.mark.slow  # in CI: the Slurm template's SIGTERM test stops train.py the same way
 def test_sigterm_to_train_py_is_ctrl_c_with_a_row_and_the_resume_command(tmp_path, env):
     out = tmp_path / "run"
+    argv = [sys.executable, TRAIN, "--widths", "8,16", "--image-size", "32",
+            "--synthetic-images", "24", "--batch-size", "2", "--epochs", "50", "--mode",
+            "accuracy", "--out", str(out)]
     log = tmp_path / "log.txt"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, TRAIN, "--widths", "8,16", "--image-size", "32",
-                                 "--synthetic-images", "24", "--batch-size", "2",
-                                 "--epochs", "50", "--mode", "accuracy", "--out", str(out)],
-                                env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
-        try:
-            _wait_for(proc, log, "epoch 2/50")  # epoch 1 saved by then
-            proc.send_signal(signal.SIGTERM)
-            rc = proc.wait(60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    text = log.read_text()
+    rc, text = _sigterm_when(argv, env, log, log, "epoch 2/50")  # epoch 1 saved by then
     assert rc == 130 and "interrupted (SIGTERM)" in text, text[-2000:]
     assert f"--resume --out {out}" in text and "Traceback" not in text
     row = json.loads((out / "result.json").read_text())

@@ -137,6 +137,20 @@ def _accuracy_caveats(d: pd.DataFrame) -> list[str]:
     return out
 
 
+# Flags about the speed figures: (pattern, what the runs did, what that means).
+_FLAG_CAVEATS = (
+    ("impossible-mfu", "recorded", "an MFU above 1 (impossible-mfu): the ceiling it divides "
+     "by was not measured under the step's conditions, so runs.csv's `mfu`/`mfu_gemm` "
+     "there are not values; their throughput stands."),
+    ("wall-gap", "spent", f"less than {WALL_SHARE_MIN * 100:.0f} % of their training window "
+     "in the measured steps (wall-gap): their wall-clock throughput (`wall img/s`) is the "
+     "rate to plan with."),
+    ("few-steps|wide-ci", "rest on too few samples", f"(< {MIN_MEASURED_STEPS} measured "
+     f"steps, or a 95 % CI / repeat spread wider than ±{CI_LIMIT_PCT:g} %): drawn hollow, "
+     "listed under Low-confidence figures, never picked as best."),
+)
+
+
 def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> list[str]:
     """Each caveat that applies to the rows shown, one sentence or two each.
 
@@ -167,24 +181,10 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
         what = _count(emu, "ran a precision this hardware only emulates")
         items.append(({"speed"}, f"{what} ({_fmt_set(ok.loc[emu, 'precision'])}): their "
                       "timings measure the emulation, not the precision."))
-    mfu = ok["flags"].str.contains("impossible-mfu")
-    if mfu.any():
-        items.append(({"speed"}, f"{_count(mfu, 'recorded')} an MFU above 1 "
-                      "(impossible-mfu): the ceiling it divides by was not measured under "
-                      "the step's conditions, so runs.csv's `mfu`/`mfu_gemm` there are not "
-                      "values; their throughput stands."))
-    gap = ok["flags"].str.contains("wall-gap")
-    if gap.any():
-        items.append(({"speed"}, f"{_count(gap, 'spent')} less than "
-                      f"{WALL_SHARE_MIN * 100:.0f} % of their training window in the measured steps "
-                      "(wall-gap): their wall-clock throughput (`wall img/s`) is the rate "
-                      "to plan with."))
-    speed_flags = ok["flags"].str.contains("few-steps|wide-ci")
-    if speed_flags.any():
-        items.append(({"speed"}, f"{_count(speed_flags, 'rest on too few samples')} "
-                      f"(< {MIN_MEASURED_STEPS} measured steps, or a 95 % CI / repeat "
-                      f"spread wider than ±{CI_LIMIT_PCT:g} %): drawn hollow, listed "
-                      "under Low-confidence figures, never picked as best."))
+    for pattern, verb, text in _FLAG_CAVEATS:
+        mask = ok["flags"].str.contains(pattern)
+        if mask.any():
+            items.append(({"speed"}, f"{_count(mask, verb)} {text}"))
     has_tp = ok["throughput_img_s"].notna()
     if has_tp.any() and not ok.loc[has_tp, "throughput_ci95_pct"].notna().any() \
             and not ok["throughput_spread_pct"].notna().any():
