@@ -100,7 +100,9 @@ def test_accuracy_step_in_its_cpu_form(tmp_path):
                            str(tmp_path)]) == 0
     row = json.loads((tmp_path / "steps/accuracy/result.json").read_text())
     assert row["timing_method"] == "host_clock" and row["dist_backend"] is None
-    assert row["mem_workload_mb"] == row["mem_train_mb"]
+    phases = {k: row[f"mem_{k}_mb"] for k in ("warmup", "train", "val")}
+    assert row["mem_workload_mb"] == max(v for v in phases.values() if v is not None)
+    assert row["mem_workload_phase"] == max(phases, key=lambda k: phases[k] or -1.0)
     assert row["mem_val_mb"] > 0 and row["mem_warmup_mb"] is not None
     assert row["gemm_tflops_source"].startswith("measured matmul ")
     assert row["channels_last"] is True and row["channels_last_requested"] is True

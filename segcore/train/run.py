@@ -163,7 +163,8 @@ def _gather_memory(ctx: DistContext, nvml: dict[str, Any], baseline_mb: float,
 
     ``phases`` (:class:`~segcore.train.telemetry.PhasePeaks`) keeps the peaks of warm-up
     (cuDNN autotuning, compile), training after warm-up and validation apart:
-    ``mem_workload_mb``, the figure memory plots use, is the training phase's. On CUDA
+    ``mem_workload_mb``, the figure memory plots use, is the largest phase's (named in
+    ``mem_workload_phase``; each phase has its own ``mem_<phase>_mb``). On CUDA
     the phases are allocator peaks; on CPU the peak RSS above the baseline taken after
     imports and model build (the RSS is mostly the library, ~600 MB of imports).
     ``dali_mb``: DALI's own buffers, which the torch allocator does not see."""
@@ -187,15 +188,19 @@ def _gather_memory(ctx: DistContext, nvml: dict[str, Any], baseline_mb: float,
         return max(vals) if vals else None
 
     peak = mx("alloc")
-    train = mx("phase_train_mb")
+    per_phase = {k: mx(f"phase_{k}_mb") for k in ("warmup", "train", "val")}
+    measured = [v for v in per_phase.values() if v is not None]
     return {"peak_mem_mb": peak if peak is not None else mx("host_peak"),
             "peak_mem_source": "allocator" if peak is not None else "host_peak_rss",
             "host_rss_mb": mx("host_now"), "host_peak_rss_mb": mx("host_peak"),
             "mem_baseline_mb": mx("baseline"),
-            "mem_workload_mb": train if train is not None else (
+            # A run needs the memory of its hungriest phase (validation often peaks
+            # above training): the maximum over phases, the phases beside it.
+            "mem_workload_mb": max(measured) if measured else (
                 peak if peak is not None else mx("workload")),
-            "mem_warmup_mb": mx("phase_warmup_mb"), "mem_train_mb": train,
-            "mem_val_mb": mx("phase_val_mb"), "dali_mem_mb": mx("dali"),
+            "mem_workload_phase": (max(per_phase, key=lambda k: per_phase[k] or -1.0)
+                                   if measured else None),
+            **{f"mem_{k}_mb": v for k, v in per_phase.items()}, "dali_mem_mb": mx("dali"),
             "device_mem_mb": mx("device_mem_mb"), "gpu_util_pct": mx("gpu_util_pct"),
             "power_w": mx("power_w")}
 
