@@ -104,7 +104,7 @@ def test_accuracy_step_in_its_cpu_form(tmp_path):
     assert row["mem_workload_mb"] == max(v for v in phases.values() if v is not None)
     assert row["mem_workload_phase"] == max(phases, key=lambda k: phases[k] or -1.0)
     assert row["mem_val_mb"] > 0 and row["mem_warmup_mb"] is not None
-    assert row["gemm_tflops_source"].startswith("measured matmul ")
+    assert row["gemm_tflops_source"].startswith(("measured matmul ", "measured conv3x3 "))
     assert row["channels_last"] is True and row["channels_last_requested"] is True
     assert row["loader_workers"] == 0  # CPU: the training threads own the cores
 

@@ -233,7 +233,7 @@ def test_flops_custom_loss_and_bad_shape():
 def test_device_peak_cpu_is_measured_and_cached():
     peak, source = device_peak_tflops("cpu", torch.float32)
     assert peak > 0 and math.isfinite(peak)
-    assert source.startswith("measured matmul ")
+    assert source.startswith(("measured matmul ", "measured conv3x3 "))
     assert device_peak_tflops("cpu", "fp32") == (peak, source)  # memoized
     with pytest.raises(ValueError):
         device_peak_tflops("cpu", torch.int8)
@@ -598,6 +598,28 @@ def test_cuda_math_falls_back_to_the_legacy_flags(monkeypatch):
 
 def test_gemm_ceiling_is_labelled_and_equals_the_cpu_peak():
     gemm, source = telemetry.measured_gemm_tflops("cpu", "fp32")
-    assert gemm > 0 and source.startswith("measured matmul ") and source.endswith(" fp32")
+    assert gemm > 0 and source.endswith(" fp32")
+    assert source.startswith(("measured matmul ", "measured conv3x3 "))
     # On a CPU there is no datasheet: the "spec" peak is the same measurement.
     assert device_peak_tflops("cpu", "fp32") == (gemm, source)
+
+
+def test_cpu_ceiling_is_the_faster_of_matmul_and_convolution(monkeypatch):
+    """On a CPU matmul (MKL) and convolution (oneDNN) are different libraries: the ceiling
+    an MFU divides by is the faster of the two, so a conv-bound U-Net step cannot read
+    MFU > 1 merely because MKL's GEMM is the slower kernel (AMD EPYC: 187 vs 396 GFLOP/s)."""
+    telemetry._measured_matmul_tflops.cache_clear()
+    telemetry._measured_conv_tflops.cache_clear()
+    monkeypatch.setattr(telemetry, "_measured_matmul_tflops", lambda *a: (0.1, 1024))
+    monkeypatch.setattr(telemetry, "_measured_conv_tflops", lambda *a: (0.4, "8x64x64x64"))
+    assert telemetry.measured_gemm_tflops("cpu", "fp32") == (
+        0.4, "measured conv3x3 64ch channels-last 8x64x64x64 fp32")
+    monkeypatch.setattr(telemetry, "_measured_conv_tflops", lambda *a: (0.05, "8x64x64x64"))
+    assert telemetry.measured_gemm_tflops("cpu", "fp32") == (0.1, "measured matmul 1024x1024 fp32")
+
+
+def test_conv_ceiling_is_a_real_measurement():
+    tflops, shape = telemetry._measured_conv_tflops("cpu", "fp32", torch.get_num_threads())
+    assert tflops > 0 and math.isfinite(tflops)
+    b, c, h, w = map(int, shape.split("x"))
+    assert (b, c) == (8, 64) and h == w and 16 <= h <= 256

@@ -223,7 +223,7 @@ def device_peak_tflops(device: Any, dtype: Any, tf32: bool | None = None) -> tup
 
 
 def measured_gemm_tflops(device: Any, dtype: Any) -> tuple[float, str]:
-    """What a large dense matmul reaches on this device: a practical ceiling, memoized.
+    """What the device's fastest dense kernel reaches: a practical ceiling, memoized.
 
     A datasheet peak is rarely reached even by a GEMM (an H200 runs a large bf16 GEMM at
     ~790 of its 989 TFLOP/s), and a U-Net of 16-128 channels cannot feed the tensor cores
@@ -232,11 +232,19 @@ def measured_gemm_tflops(device: Any, dtype: Any) -> tuple[float, str]:
     practice.
 
     CUDA: an 8192^3 matmul (fp32 under the current TF32 setting), timed with CUDA events
-    over 10 repeats after a warm-up, best of 3. CPU: grown from 256 until one product
-    takes 50 ms (at most 2048), best of up to 5.
+    over 10 repeats after a warm-up, best of 3. CPU: the better of a square matmul (grown
+    from 256 until one product takes 50 ms, at most 2048) and a channels-last 3x3
+    convolution of 64 channels (grown the same way), best of up to 5 each. The
+    convolution is there because on a CPU the two run in different libraries: torch's
+    matmul calls MKL's GEMM, convolutions call oneDNN, and on AMD EPYC (AVX-512) MKL's
+    fp32 GEMM reached 187 GFLOP/s where oneDNN's channels-last convolution reached 396,
+    so a U-Net step measured against the matmul alone read MFU 1.36. Both are measured in
+    the calling process with its thread count (the step's own threads and load, since
+    the rows measure it right after the run).
 
     Returns:
-        ``(tflops, source)``, source like ``"measured matmul 8192x8192 bf16"``.
+        ``(tflops, source)``, source like ``"measured matmul 8192x8192 bf16"`` or
+        ``"measured conv3x3 64ch channels-last 8x64x128x128 fp32"``.
     """
     dev = _as_device(device)
     dt = _dtype_name(dtype)
@@ -247,7 +255,46 @@ def measured_gemm_tflops(device: Any, dtype: Any) -> tuple[float, str]:
         dev_key, tf32 = dev.type, False
     tflops, n = _measured_matmul_tflops(dev_key, str(dev), dt, torch.get_num_threads(),
                                         tf32)
-    return tflops, f"measured matmul {n}x{n} {'tf32' if tf32 else dt}"
+    source = f"measured matmul {n}x{n} {'tf32' if tf32 else dt}"
+    if dev.type == "cpu":
+        conv, shape = _measured_conv_tflops(str(dev), dt, torch.get_num_threads())
+        if conv > tflops:
+            return conv, f"measured conv3x3 64ch channels-last {shape} {dt}"
+    return tflops, source
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _grow_and_time(make: Callable[[int], Callable[[], Any]], start: int, limit: int,
+                   sync: Callable[[], None]) -> tuple[float, int]:
+    """Grow a problem (doubling its size from ``start`` up to ``limit``) until one run
+    takes 50 ms, then the best of up to 5 runs (0.5 s at most): a fixed size would take
+    minutes where a precision is emulated (fp16/bf16 on CPUs without native support).
+
+    Returns:
+        ``(best seconds, size)``.
+    """
+    n = start
+    while True:
+        fn = make(n)
+        _timed(fn, sync)  # warm-up: kernel selection, thread-pool start, caches
+        t = _timed(fn, sync)
+        if t >= 0.05 or n >= limit:
+            break
+        n *= 2
+    best, spent = t, 0.0
+    for _ in range(5):
+        dt_s = _timed(fn, sync)
+        best, spent = min(best, dt_s), spent + dt_s
+        if spent > 0.5:
+            break
+    return best, n
 
 
 @functools.lru_cache(maxsize=32)
@@ -260,36 +307,43 @@ def _measured_matmul_tflops(dev_key: str, device: str, dt: str,
     if dev.type == "cuda":
         return _cuda_gemm_tflops(dev, dtype), _CUDA_GEMM_N
     sync = cuda_sync_fn(dev) or (lambda: None)
-    n_max = 2048
 
-    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
-        sync()
-        t0 = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        return time.perf_counter() - t0
-
-    # Grow the matrix until one product takes long enough to time reliably; a fixed
-    # size would take minutes for fp16 on CPUs without native fp16 matmul.
-    n = 256
-    while True:
+    def make(n: int) -> Callable[[], Any]:
         gen = torch.Generator(device="cpu").manual_seed(0)
         a = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
         b = torch.randn(n, n, generator=gen).to(device=dev, dtype=dtype)
-        timed(a, b)  # warm-up: kernel selection, thread-pool start, caches
-        t = timed(a, b)
-        if t >= 0.05 or n >= n_max:
-            break
-        n *= 2
-    best = t
-    spent = 0.0
-    for _ in range(5):
-        dt_s = timed(a, b)
-        best = min(best, dt_s)
-        spent += dt_s
-        if spent > 0.5:
-            break
+        return lambda: torch.matmul(a, b)
+
+    best, n = _grow_and_time(make, 256, 2048, sync)
     return 2.0 * n ** 3 / best / 1e12, n
+
+
+_CONV_CH, _CONV_BATCH = 64, 8
+
+
+@functools.lru_cache(maxsize=32)
+def _measured_conv_tflops(device: str, dt: str, threads: int) -> tuple[float, str]:
+    """A 64->64 channel 3x3 convolution, channels-last, no bias, batch 8, forward only,
+    on a side grown from 16 px (at most 256 px). ``threads`` is a cache key only."""
+    del threads
+    dev = torch.device(device)
+    dtype = DTYPES[dt]
+    conv = torch.nn.Conv2d(_CONV_CH, _CONV_CH, 3, padding=1, bias=False).to(
+        device=dev, dtype=dtype, memory_format=torch.channels_last)
+
+    def make(side: int) -> Callable[[], Any]:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(_CONV_BATCH, _CONV_CH, side, side, generator=gen).to(
+            device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+        def run() -> None:
+            with torch.no_grad():
+                conv(x)
+        return run
+
+    best, side = _grow_and_time(make, 16, 256, lambda: None)
+    flops = 2.0 * _CONV_BATCH * _CONV_CH * _CONV_CH * 9 * side * side
+    return flops / best / 1e12, f"{_CONV_BATCH}x{_CONV_CH}x{side}x{side}"
 
 
 _CUDA_GEMM_N = 8192
