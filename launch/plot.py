@@ -8,8 +8,9 @@ segcore/results/analysis.py) and rewrites <folder>/plots/*.png and <folder>/repo
 (runs.jsonl and runs.csv are only read). Several folders: writes the comparison
 figures (one colour per folder) and compare.md into --out (default ./compare). Either
 way it prints one summary line per folder (runs ok, low-confidence runs by flag, the
-highest throughput we can stand behind). Exit status: 0 done, 2 bad arguments (a
-missing folder, no runs.jsonl).
+highest throughput we can stand behind). Folders recorded on different or unidentified
+hardware are compared only with --mixed-hardware. Exit status: 0 done, 2 bad arguments (a
+missing folder, no runs.jsonl, mixed hardware without --mixed-hardware).
 """
 
 from __future__ import annotations
@@ -28,7 +29,45 @@ def parser() -> argparse.ArgumentParser:
                    help="results folder(s) holding runs.jsonl")
     p.add_argument("--out", help="one folder: write plots/ and report.md here instead of "
                                  "into it; several: the comparison folder (./compare)")
+    p.add_argument("--mixed-hardware", action="store_true",
+                   help="compare folders recorded on different (or unrecorded) hardware; "
+                        "without it such a comparison is refused, since a speed gap "
+                        "between machines is not a gap between configurations")
     return p
+
+
+def hardware_of(folder: Path) -> tuple[str, bool]:
+    """The folder's hardware tag (:func:`segcore.host.hardware_tag` of its env.json), and
+    whether the env records the machine's identity (CPU family/model or GPU names): a
+    tag without it ("cpu-2c-amd-epyc") covers machines that differ 2x in speed."""
+    import json
+
+    from segcore.host import hardware_tag
+
+    try:
+        env = json.loads((folder / "env.json").read_text())
+    except (OSError, ValueError):
+        return "unrecorded", False
+    if not isinstance(env, dict):
+        return "unrecorded", False
+    known = bool(env.get("cpu_id") or env.get("cuda_devices") or env.get("nvml_gpus"))
+    return hardware_tag(env), known
+
+
+def check_same_hardware(folders: list[Path]) -> str | None:
+    """``None`` when every folder names the same, identified hardware, else the reason
+    (one line) a comparison across them would mislead."""
+    tags = {f: hardware_of(f) for f in folders}
+    unknown = [str(f) for f, (_, known) in tags.items() if not known]
+    if unknown:
+        return (f"the hardware of {', '.join(unknown)} is not identified (its env.json has "
+                "no CPU family/model or GPU name), so its speeds cannot be compared with "
+                "another folder's")
+    distinct = sorted({t for t, _ in tags.values()})
+    if len(distinct) > 1:
+        return ("the folders were recorded on different hardware ("
+                + "; ".join(f"{f}: {t}" for f, (t, _) in tags.items()) + ")")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if not (f / "runs.jsonl").is_file():
             print(f"error: {f} has no runs.jsonl: not a results folder", file=sys.stderr)
+            return 2
+    if len(folders) > 1 and not a.mixed_hardware:
+        why = check_same_hardware(folders)
+        if why is not None:
+            print(f"error: {why}; pass --mixed-hardware to draw the comparison anyway "
+                  "(each folder's hardware is then named in compare.md)", file=sys.stderr)
             return 2
     from segcore.results import report
 

@@ -4,6 +4,7 @@ on the committed results folders."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import statistics
 from pathlib import Path
@@ -40,6 +41,7 @@ def fake_env(folder: Path, cpu: bool = True, commit: str = "0123456789abcdef",
     env = {"accelerator": "cpu" if cpu else "cuda", "sweep_id": sweep_id,
            "cpu_model": "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz", "cpu_count": 2,
            "cpu_affinity_count": 2, "mem_total_mb": 8192.0, "python_version": "3.12.3",
+           "cpu_id": {"vendor": "GenuineIntel", "family": 6, "model": 143, "stepping": 8},
            "torch_version": "2.13.0+cpu", "cuda_version": None, "host_count": 1,
            "git_commit": commit, "git_dirty": False, "hostname": "testhost",
            "timestamp_utc": "2025-01-01T00:00:00+00:00",
@@ -325,13 +327,40 @@ def test_launch_plot_compares_folders(sweep, tmp_path):
     other = make_sweep(tmp_path / "gpu", cpu=False, commit="fedcba9876543210", speed=20.0,
                        bulk=True)
     out = tmp_path / "cmp"
-    assert load_launcher().main([str(sweep), str(other), "--out", str(out)]) == 0
+    # A CPU folder beside a GPU folder is a comparison across hardware: refused unless asked.
+    assert load_launcher().main([str(sweep), str(other), "--out", str(out)]) == 2
+    assert not out.exists()
+    assert load_launcher().main([str(sweep), str(other), "--out", str(out),
+                                 "--mixed-hardware"]) == 0
     for name in PNGS:
         assert_png(out / name)
     text = (out / "compare.md").read_text()
     assert "cpu-2c-intel-xeon-8481c" in text and "1xH100-80GB" in text
     assert "CPU timings show code paths and relative effects" in text
     assert re.search(r"\]\(speedup\.png\)", text)
+
+
+def test_launch_plot_refuses_unidentified_or_different_hardware(tmp_path, capsys):
+    folders = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        append_row(folder, ok_row("w1"))
+        fake_env(folder)
+        folders.append(str(folder))
+    plot = load_launcher()
+    assert plot.main(folders + ["--out", str(tmp_path / "same")]) == 0  # same machine
+    env = json.loads((tmp_path / "b" / "env.json").read_text())
+    env["cpu_id"]["model"] = 207  # same marketing name, another generation
+    write_json_atomic(tmp_path / "b" / "env.json", env)
+    capsys.readouterr()
+    assert plot.main(folders + ["--out", str(tmp_path / "diff")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "different hardware" in err and "f6m143" in err and "f6m207" in err
+    assert "\n" not in err and "--mixed-hardware" in err
+    del env["cpu_id"]  # a folder from before the identity was recorded
+    write_json_atomic(tmp_path / "b" / "env.json", env)
+    assert plot.main(folders + ["--out", str(tmp_path / "unk")]) == 2
+    assert "not identified" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["missing", "no_jsonl"])
