@@ -189,6 +189,9 @@ ALIASES: tuple[Alias, ...] = (
           "DeepSpeed JSON merged over the generated one"),
     Alias("--loader", "data.loader",
           "; ".join(f"{s.name}: {s.help}" for s in LOADER_SPECS.values())),
+    Alias("--decode", "data.decode",
+          "where the torch loader decodes training JPEGs: cpu (worker processes) or gpu "
+          "(nvJPEG on the CUDA device, batched)"),
     Alias("--precision", "train.precision"),
     Alias("--channels-last", "model.channels_last", "NHWC activations end to end"),
     Alias("--no-channels-last", "model.channels_last", "NCHW", negate=True),

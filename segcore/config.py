@@ -16,7 +16,7 @@ from typing import Any
 
 # ConfigError, ENGINES and LOADERS are read from here too; their homes are these modules.
 from segcore.errors import ConfigError
-from segcore.registry import ENGINES, LOADERS, engine_spec, loader_spec
+from segcore.registry import DECODES, ENGINES, LOADERS, engine_spec, loader_spec
 
 try:
     import tomllib
@@ -40,7 +40,7 @@ LR_SCALINGS = ("linear", "sqrt", "none")
 # lines read them here.
 CHOICES: dict[str, tuple] = {
     "model.arch": ARCHS, "model.norm": NORMS,
-    "data.class_scheme": SCHEMES, "data.loader": LOADERS,
+    "data.class_scheme": SCHEMES, "data.loader": LOADERS, "data.decode": DECODES,
     "data.pred_threshold": PRED_THRESHOLDS,
     "train.lr_scaling": LR_SCALINGS, "train.optimizer": OPTIMIZERS,
     "train.schedule": SCHEDULES, "train.loss": LOSSES, "train.precision": PRECISIONS,
@@ -157,6 +157,9 @@ class DataConfig:
         image_size: side of the square training crop, in pixels.
         loader: ``torch`` (DataLoader), ``dali`` or ``synthetic`` (random tensors already on
             the device, for compute-only timing).
+        decode: where the torch loader decodes the training JPEGs: ``cpu`` (PIL, in the
+            worker processes) or ``gpu`` (nvJPEG on the CUDA device, batched; the workers
+            only read the bytes and the masks). See docs/DATA.md.
         augment: random crop + horizontal/vertical flips on training images.
         test_fraction: held-out share of the images (deterministic per ``split_seed``).
         synthetic_images / synthetic_height / synthetic_width: size of the built-in set.
@@ -177,6 +180,7 @@ class DataConfig:
     class_scheme: str = "six"
     image_size: int = 128
     loader: str = "torch"
+    decode: str = "cpu"
     augment: bool = True
     test_fraction: float = 0.15
     split_seed: int = 0
@@ -202,6 +206,13 @@ class DataConfig:
             raise ConfigError("data.synthetic_images must be at least 2 (train + test)")
         if self.num_workers is not None:
             _positive("data", "num_workers", self.num_workers, allow_zero=True, integer=True)
+        takes = loader_spec(self.loader).decodes
+        if self.decode not in takes:
+            which = [n for n in LOADERS if self.decode in loader_spec(n).decodes]
+            raise ConfigError(f"data.decode = {self.decode!r} applies to loader "
+                              f"{' or '.join(repr(n) for n in which)} only, not "
+                              f"{self.loader!r} (its decode is its own); leave --decode at "
+                              f"{takes[0]} with --loader {self.loader}")
 
     def _check_classes(self) -> None:
         from segcore.data.classes import (BINARY_SCHEMES, DEFAULT_UNLABELED_THRESHOLD,

@@ -174,16 +174,23 @@ class LoaderSpec:
         measures_accuracy: it feeds real images and masks (``synthetic`` feeds random
             tensors: its runs measure throughput only).
         needs_index_masks: it reads index masks, not colour masks.
+        decodes: where it can decode the training JPEGs (``data.decode``): ``cpu`` (in
+            the loader's own way: worker processes, DALI's pipeline) and ``gpu`` (nvJPEG
+            in the training process, :mod:`segcore.data.gpu_loader`).
     """
 
     name: str
     help: str
     measures_accuracy: bool = True
     needs_index_masks: bool = False
+    decodes: tuple[str, ...] = ("cpu",)
 
+
+DECODES = ("cpu", "gpu")
 
 LOADER_SPECS: dict[str, LoaderSpec] = {s.name: s for s in (
-    LoaderSpec("torch", "torch DataLoader: decode, crop and flip in worker processes"),
+    LoaderSpec("torch", "torch DataLoader: decode (or, with --decode gpu, read), crop and "
+               "flip in worker processes", decodes=DECODES),
     LoaderSpec("dali", "NVIDIA DALI: decode on the GPU when training on CUDA, else CPU",
                needs_index_masks=True),
     LoaderSpec("synthetic", "random tensors already on the device (compute only)",

@@ -52,25 +52,44 @@ def draw_augment(rng: np.random.Generator, height: int, width: int, crop: tuple[
 def apply_augment(image: np.ndarray, mask: np.ndarray, p: AugmentParams,
                   crop: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Apply one parameter draw to an (H, W, 3) image and its (H, W) mask alike."""
+    return augment_array(image, p, crop), augment_array(mask, p, crop)
+
+
+def augment_array(a: np.ndarray, p: AugmentParams, crop: tuple[int, int]) -> np.ndarray:
+    """One parameter draw applied to one (H, W, ...) array: the window, then the flips
+    (views, no copy)."""
     ch, cw = crop
-    image = image[p.top:p.top + ch, p.left:p.left + cw]
-    mask = mask[p.top:p.top + ch, p.left:p.left + cw]
+    a = a[p.top:p.top + ch, p.left:p.left + cw]
     if p.hflip:
-        image, mask = image[:, ::-1], mask[:, ::-1]
+        a = a[:, ::-1]
     if p.vflip:
-        image, mask = image[::-1], mask[::-1]
-    return image, mask
+        a = a[::-1]
+    return a
+
+
+def pad_mode(height: int, width: int, ph: int, pw: int) -> str:
+    """How an image smaller than the crop is padded (bottom and right): ``reflect``
+    (numpy's: the edge row is not repeated), or ``edge`` when the padding is as large as
+    a side (reflection would run out of rows). The GPU-decode loader pads the same way."""
+    return "reflect" if min(height, width) > max(ph, pw) else "edge"
+
+
+def pad_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Pad a mask smaller than the crop with the ignore index (bottom and right)."""
+    ph, pw = max(0, h - mask.shape[0]), max(0, w - mask.shape[1])
+    if ph == 0 and pw == 0:
+        return mask
+    return np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
 
 
 def _pad_to(image: np.ndarray, mask: np.ndarray, h: int, w: int):
-    """Pad an image smaller than the crop (reflect) and its mask (ignore index)."""
+    """Pad an image smaller than the crop (:func:`pad_mode`) and its mask (ignore index)."""
     ph, pw = max(0, h - image.shape[0]), max(0, w - image.shape[1])
     if ph == 0 and pw == 0:
         return image, mask
-    image = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect" if
-                   min(image.shape[:2]) > max(ph, pw) else "edge")
-    mask = np.pad(mask, ((0, ph), (0, pw)), constant_values=IGNORE_INDEX)
-    return image, mask
+    image = np.pad(image, ((0, ph), (0, pw), (0, 0)),
+                   mode=pad_mode(image.shape[0], image.shape[1], ph, pw))
+    return image, pad_mask(mask, h, w)
 
 
 def normalize_image(image: np.ndarray) -> torch.Tensor:
@@ -162,36 +181,64 @@ class SegDataset(Dataset):
         return len(self.samples)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded (image, mask) of sample ``i`` (kept when ``cache``).
+
+        Raises:
+            ImageReadError: the image cannot be decoded (one line naming the file).
+            DatasetError: the mask is unreadable, or its size is not the image's.
+        """
         if i in self._mem:
             return self._mem[i]
         s = self.samples[i]
-        image, mask = self.index.load_image(s), self.index.load_mask(s, self.scheme)
-        if image.shape[:2] != mask.shape[:2]:
-            from segcore.data.layouts import DatasetError
-            raise DatasetError(f"image {s.image} is {image.shape[1]}x{image.shape[0]} but its "
-                               f"mask {s.mask} is {mask.shape[1]}x{mask.shape[0]}; they must "
-                               "match (run launch/prepare.py to validate the dataset)")
+        image, mask = self._decode_image(s), self.index.load_mask(s, self.scheme)
+        check_sizes(s, image.shape[:2], mask.shape[:2])
         if self.cache:
             self._mem[i] = (image, mask)
         return image, mask
 
+    def _decode_image(self, s: Sample) -> np.ndarray:
+        from PIL import Image
+
+        from segcore.data.images import ImageReadError
+        from segcore.faults import one_line
+
+        try:
+            return self.index.load_image(s)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ImageReadError(f"{s.image}: cannot decode ({type(e).__name__}: "
+                                 f"{one_line(e, 200)})") from None
+
+    def params(self, epoch: int, i: int, height: int, width: int) -> AugmentParams:
+        """The crop and flips of sample ``i`` at ``epoch`` for an image of ``height`` x
+        ``width`` after padding: drawn from ``(seed, epoch, i)`` when training with
+        augmentation, else the centre window. Every loader that claims this dataset's
+        batches (the GPU-decode loader, DALI) draws through here or the same stream."""
+        ch, cw = self.crop
+        if self.train and self.augment:
+            return draw_augment(np.random.default_rng((self.seed, epoch, i)), height,
+                                width, self.crop)
+        return AugmentParams((height - ch) // 2, (width - cw) // 2, False, False)
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         image, mask = self.load(i)
-        ch, cw = self.crop
-        image, mask = _pad_to(image, mask, ch, cw)
-        h, w = mask.shape
-        if self.train and self.augment:
-            rng = np.random.default_rng((self.seed, epoch, i))
-            p = draw_augment(rng, h, w, self.crop)
-        else:
-            p = AugmentParams((h - ch) // 2, (w - cw) // 2, False, False)
+        image, mask = _pad_to(image, mask, *self.crop)
+        p = self.params(epoch, i, *mask.shape)
         image, mask = apply_augment(image, mask, p, self.crop)
         if self.raw:
             # Writable copies: crops and flips are views of the cached (read-only) arrays.
             return (torch.from_numpy(np.require(image, requirements=["C", "W"])),
                     torch.from_numpy(np.require(mask, requirements=["C", "W"])))
         return to_tensor(image, mask)
+
+
+def check_sizes(s: Sample, image_hw: tuple[int, int], mask_hw: tuple[int, int]) -> None:
+    """Raise a one-line DatasetError when a pair's image and mask differ in size."""
+    if tuple(image_hw) != tuple(mask_hw):
+        from segcore.data.layouts import DatasetError
+        raise DatasetError(f"image {s.image} is {image_hw[1]}x{image_hw[0]} but its "
+                           f"mask {s.mask} is {mask_hw[1]}x{mask_hw[0]}; they must "
+                           "match (run launch/prepare.py to validate the dataset)")
 
 
 class ShardSampler(Sampler[int]):
@@ -220,10 +267,30 @@ class EpochShardSampler(DistributedSampler):
         return ((epoch, i) for i in super().__iter__())
 
 
-# Batches each worker keeps ready: DataLoader's default of 2 leaves a GPU step waiting
-# whenever one decode is slow; 4 covers the spread of decode times at little memory.
-PREFETCH_FACTOR = 4
+# Batches each worker keeps ready, at least and at most: DataLoader's default of 2 leaves
+# a GPU step waiting whenever one decode is slow.
+MIN_PREFETCH, MAX_PREFETCH = 2, 8
 MAX_AUTO_WORKERS = 8
+
+
+def prefetch_factor(num_workers: int, cores: int | None = None) -> int:
+    """Batches each worker process keeps ready, sized from the cores.
+
+    The loader holds about two batches per usable core in flight (``2 * cores /
+    workers`` per worker, within :data:`MIN_PREFETCH` and :data:`MAX_PREFETCH`): a few
+    workers on a many-core host queue deeper, so that one slow decode (a large JPEG, a
+    page-cache miss) never empties the queue, while many workers need little each.
+    16 cores, 8 workers: 4; 16 cores, 2 workers: 8; 2 cores, 1 worker: 4.
+
+    Args:
+        num_workers: worker processes of the loader (``> 0``).
+        cores: usable cores (default: this process's affinity mask).
+    """
+    from segcore.host import usable_cores
+
+    cores = usable_cores() if cores is None else cores
+    per_worker = -(-2 * max(1, cores) // max(1, num_workers))  # ceil
+    return max(MIN_PREFETCH, min(MAX_PREFETCH, per_worker))
 
 
 def default_num_workers(device: torch.device | str, local_world_size: int = 1) -> int:
@@ -241,33 +308,37 @@ def default_num_workers(device: torch.device | str, local_world_size: int = 1) -
     return max(1, min(MAX_AUTO_WORKERS, share - 1))
 
 
-def _loader_kwargs(num_workers: int, pin_memory: bool) -> dict[str, Any]:
+def loader_kwargs(num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    """DataLoader settings of every torch loader: workers persist across epochs and
+    prefetch :func:`prefetch_factor` batches each; batches are pinned for the copy."""
     kw: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
     if num_workers > 0:
-        kw.update(persistent_workers=True, prefetch_factor=PREFETCH_FACTOR)
+        kw.update(persistent_workers=True, prefetch_factor=prefetch_factor(num_workers))
     return kw
 
 
 def make_train_loader(ds: SegDataset, batch_size: int, rank: int, world_size: int,
-                      seed: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+                      seed: int, num_workers: int = 0, pin_memory: bool = False,
+                      collate_fn: Any = None) -> DataLoader:
     """Training loader: a disjoint, per-epoch reshuffled shard per rank.
 
     ``DistributedSampler(drop_last=True)`` trims the tail so every rank gets the same
     number of samples and no sample is duplicated (call ``loader.sampler.set_epoch``).
     Worker processes (``num_workers > 0``) persist across epochs and prefetch
-    :data:`PREFETCH_FACTOR` batches each; the epoch reaches them with every index
-    (:class:`EpochShardSampler`).
+    :func:`prefetch_factor` batches each; the epoch reaches them with every index
+    (:class:`EpochShardSampler`). ``collate_fn``: how items become a batch (default
+    stacking; the GPU-decode loader's items are JPEG bytes of varying length).
     """
     sampler = EpochShardSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                 seed=seed, drop_last=True)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      **_loader_kwargs(num_workers, pin_memory))
+                      collate_fn=collate_fn, **loader_kwargs(num_workers, pin_memory))
 
 
 def make_eval_loader(ds: SegDataset, batch_size: int, rank: int, world_size: int,
                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(len(ds), rank, world_size),
-                      **_loader_kwargs(num_workers, pin_memory))
+                      **loader_kwargs(num_workers, pin_memory))
 
 
 class DeviceBatches:
@@ -346,3 +417,55 @@ class SyntheticBatches:
     def __iter__(self):
         for _ in range(self.steps):
             yield self.x, self.y
+
+
+def loader_throughput(loader, batches: int, warmup: int, device: torch.device | str,
+                      epoch: int = 0) -> dict[str, Any]:
+    """A training loader iterated alone, no model: how fast it can feed a step.
+
+    ``warmup`` batches first (worker start, the in-memory cache, the batches the workers
+    had queued), then ``batches`` timed ones, epoch after epoch from ``epoch`` as needed;
+    the device is synchronized at both ends of the clock. Crops are drawn from
+    ``(seed, epoch, index)``, so iterating the loader here changes no training batch.
+
+    Args:
+        loader: a training loader (``DeviceBatches``, the GPU-decode or DALI loader,
+            synthetic batches): ``set_epoch``, ``len`` and ``(x, y)`` batches.
+        batches: timed batches (at least 1).
+        warmup: untimed batches before the clock.
+        device: where the batches land (synchronized when CUDA).
+        epoch: the first epoch to draw.
+
+    Returns:
+        ``loader_img_s`` (images per second of this process's loader),
+        ``loader_batches`` and ``loader_images`` (what the figure rests on),
+        ``loader_s`` (timed seconds).
+    """
+    import time
+
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if len(loader) == 0:
+        raise ValueError("loader_throughput: the loader yields no batch per epoch")
+    need, seen, images = warmup + max(1, batches), 0, 0
+    t0 = time.perf_counter() if warmup == 0 else None
+    while seen < need:
+        loader.set_epoch(epoch)
+        epoch += 1
+        for x, _y in loader:
+            seen += 1
+            if t0 is not None:
+                images += x.shape[0]
+            elif seen == warmup:  # the clock starts once the warm-up batches are in
+                sync()
+                t0 = time.perf_counter()
+            if seen >= need:
+                break
+    sync()
+    elapsed = time.perf_counter() - t0
+    return {"loader_img_s": images / elapsed if elapsed > 0 else None,
+            "loader_batches": need - warmup, "loader_images": images, "loader_s": elapsed}

@@ -17,10 +17,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from segcore.config import ConfigError, RunConfig, check_resolved, dump_config, resolve
+from segcore.config import (ConfigError, DataConfig, RunConfig, check_resolved, dump_config,
+                            resolve)
 from segcore.data.classes import ClassScheme, scheme_for
 from segcore.data.dataset import (DeviceBatches, SegDataset, SyntheticBatches,
-                                  default_num_workers, make_eval_loader, make_train_loader)
+                                  default_num_workers, loader_throughput, make_eval_loader,
+                                  make_train_loader, prefetch_factor)
 from segcore.data.layouts import DatasetIndex, discover, validate
 from segcore.dist import (DistContext, all_reduce_sum, gather_objects, init_distributed,
                           teardown)
@@ -100,9 +102,23 @@ def _val_crop(index: DatasetIndex, samples, cfg: RunConfig) -> tuple[int, int]:
     return h, w
 
 
+def check_decode(d: DataConfig, device: torch.device) -> None:
+    """``--decode gpu``: fail at start, in one line, where JPEGs cannot be decoded on
+    ``device`` (no CUDA, no torchvision with nvJPEG); nothing to check for ``cpu``.
+
+    Raises:
+        ConfigError: what is missing, and ``--decode cpu`` as the way out.
+    """
+    if d.decode == "gpu":
+        from segcore.data.nvjpeg import check_gpu_decode
+
+        check_gpu_decode(device)
+
+
 def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Log):
     """Train and validation loaders for the configured loader type."""
     d, tc = cfg.data, cfg.train
+    check_decode(d, ctx.device)  # before the dataset is read or generated
     index = resolve_dataset(cfg, ctx, log)
     train_s, val_s = index.split(d.test_fraction, d.split_seed)
     crop = (d.image_size, d.image_size)
@@ -119,8 +135,11 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
     val_loader = DeviceBatches(make_eval_loader(val_ds, per_worker, ctx.rank, ctx.world_size,
                                                 num_workers=workers, pin_memory=pin),
                                ctx.device, cl)
-    train_ds = SegDataset(index, train_s, scheme, crop, train=True, augment=d.augment,
-                          seed=tc.seed, raw=True)
+    dataset_class = SegDataset
+    if d.loader == "torch" and d.decode == "gpu":
+        from segcore.data.gpu_loader import JpegCrops as dataset_class
+    train_ds = dataset_class(index, train_s, scheme, crop, train=True, augment=d.augment,
+                             seed=tc.seed, raw=True)
     if len(train_ds) < per_worker * ctx.world_size:
         raise ConfigError(f"the training split has {len(train_ds)} images, fewer than one "
                           f"global batch ({per_worker} x {ctx.world_size} workers); lower "
@@ -135,6 +154,12 @@ def build_loaders(cfg: RunConfig, ctx: DistContext, scheme: ClassScheme, log: Lo
 
         train_loader = make_dali_train_loader(index, train_s, scheme, crop, per_worker,
                                               ctx, seed=tc.seed, augment=d.augment)
+    elif d.decode == "gpu":
+        from segcore.data.gpu_loader import make_gpu_decode_train_loader
+
+        train_loader = make_gpu_decode_train_loader(
+            train_ds, per_worker, ctx.rank, ctx.world_size, seed=tc.seed, device=ctx.device,
+            num_workers=workers, pin_memory=pin, channels_last=cl)
     else:
         train_loader = DeviceBatches(
             make_train_loader(train_ds, per_worker, ctx.rank, ctx.world_size, seed=tc.seed,
@@ -424,6 +449,8 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
     dali_mb = loader.memory_mb() if hasattr(loader, "memory_mb") else None
     memory = _gather_memory(ctx, nvml_stats, baseline, s.trainer.memory.result(), dali_mb)
     extra = {**memory, **s.conditions, "loader_workers": getattr(loader, "num_workers", None),
+             "decode": s.cfg.data.decode,
+             **loader_columns(s.cfg, ctx, loader, res.timing.get("throughput_img_s")),
              "dist_backend": ctx.backend, "wall_s": wall,
              "skipped_pairs": len(s.index.problems),
              "data_source": "synthetic" if s.cfg.data.source == "synthetic"
@@ -431,6 +458,41 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
              "first_step_unix": res.first_step_unix,
              **_energy_columns(s, res, energy)}
     return res, extra
+
+
+# Timed batches of the loader-only measurement, at least (else train.measure_steps).
+MIN_LOADER_BATCHES = 10
+
+
+def loader_columns(cfg: RunConfig, ctx: DistContext, loader: Any,
+                   step_img_s: float | None) -> dict[str, Any]:
+    """The training loader iterated alone, after training (no model), on the same workers.
+
+    Each rank times ``max(measure_steps x grad_accum, MIN_LOADER_BATCHES)`` batches
+    after draining what its workers had queued (``workers x prefetch + 1`` batches, one
+    without workers); the rates are summed over ranks, as ``throughput_img_s`` sums the
+    images of every rank.
+
+    Returns:
+        ``loader_img_s`` (img/s, all ranks), ``loader_img_s_per_worker`` (per loader
+        worker process; the training process counts as one without workers),
+        ``loader_batches`` and ``loader_s`` (per rank: what the figure rests on) and
+        ``loader_step_ratio`` (``loader_img_s / step_img_s``: above 1 the loader could
+        keep up with the step).
+    """
+    tc = cfg.train
+    workers = int(getattr(loader, "num_workers", 0) or 0)
+    warmup = workers * prefetch_factor(workers) + 1 if workers else 1
+    batches = max(tc.measure_steps * tc.grad_accum, MIN_LOADER_BATCHES)
+    mine = loader_throughput(loader, batches, warmup, ctx.device)
+    total = all_reduce_sum(torch.tensor([mine["loader_img_s"] or 0.0],
+                                        dtype=torch.float64))
+    img_s = float(total[0]) if mine["loader_img_s"] else None
+    return {"loader_img_s": img_s,
+            "loader_img_s_per_worker": img_s / (ctx.world_size * max(1, workers))
+            if img_s else None,
+            "loader_batches": mine["loader_batches"], "loader_s": mine["loader_s"],
+            "loader_step_ratio": img_s / step_img_s if img_s and step_img_s else None}
 
 
 def _energy_columns(s: _Setup, res: TrainResult, energy: EnergyCounter) -> dict[str, Any]:
