@@ -96,8 +96,9 @@ def test_bad_arguments(tmp_path):
 
 
 def test_check_gpu_decode_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match=r"^--decode gpu needs a CUDA device, but this run "
-                                          r"uses cpu; use --decode cpu"):
+                                          r"uses cpu; use --device cuda"):
         check_gpu_decode("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="none is available") as e:
@@ -136,10 +137,10 @@ def _cuda_torchvision() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import torchvision.io  # noqa: F401
+        from torchvision.io import decode_jpeg
     except Exception:
         return False
-    return True
+    return callable(decode_jpeg)
 
 
 @pytest.mark.gpu

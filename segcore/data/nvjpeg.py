@@ -108,12 +108,12 @@ def check_gpu_decode(device: torch.device | str, decoder: Decoder | None = None)
     """
     device = torch.device(device)
     if decoder is None:
-        if device.type != "cuda":
-            raise ConfigError(f"--decode gpu needs a CUDA device, but this run uses "
-                              f"{device}; use --decode cpu (or --device cuda)")
         if not torch.cuda.is_available():
             raise ConfigError("--decode gpu needs a CUDA device, and none is available "
                               "(torch.cuda.is_available() is False); use --decode cpu")
+        if device.type != "cuda":
+            raise ConfigError(f"--decode gpu needs a CUDA device, but this run uses "
+                              f"{device}; use --device cuda (or --decode cpu)")
         decoder = default_decoder()
     try:
         out = list(decoder([as_byte_tensor(_tiny_jpeg())], device=device))

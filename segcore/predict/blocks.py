@@ -32,7 +32,7 @@ depend on the budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ import torch
 from segcore.data.dataset import MEAN, STD
 from segcore.predict.tiles import blend_tiles, logits_to_classes, tile_grid
 
-__all__ = ["Block", "plan_blocks", "tile_normalizer", "predict_classes"]
+__all__ = ["Block", "plan_blocks", "tile_normalizer", "predict_classes",
+           "predict_class_map"]
 
 # Device bytes a pixel besides the 4 (C + 1) of accumulator and weight map: the uint8
 # RGB block and its uint8 class map.
@@ -170,6 +171,42 @@ def tile_normalizer(device: torch.device | str) -> Callable[[torch.Tensor], torc
     return normalize_tiles
 
 
+def _block_class_maps(model_fn: Callable[[torch.Tensor], torch.Tensor],
+                      block_pixels: Callable[[Block], torch.Tensor], height: int, width: int,
+                      num_out_channels: int, *, tile: int, overlap: float | int,
+                      batch_size: int, device: torch.device,
+                      autocast_dtype: torch.dtype | None, channels_last: bool,
+                      threshold: float, max_block_mb: float,
+                      progress: Callable[[int, int], None] | None
+                      ) -> Iterator[tuple[Block, torch.Tensor]]:
+    """Per block, its kept region's uint8 class map, on ``device``.
+
+    ``block_pixels(block)`` gives the block's uint8 ``[3, h, w]`` pixels on ``device``.
+    The one loop behind :func:`predict_classes` (host map) and :func:`predict_class_map`
+    (device map), so both give the same classes.
+    """
+    blocks = plan_blocks(height, width, tile, overlap, num_out_channels, max_block_mb)
+    total = sum(b.tiles for b in blocks)
+    normalize_tiles = tile_normalizer(device)
+    done = 0
+    for b in blocks:
+        expect = tile_grid(b.y1 - b.y0, b.x1 - b.x0, tile, overlap)
+        if len(expect) != b.tiles:  # the block must reproduce the global grid exactly
+            raise RuntimeError(f"internal: block {b} tiles {len(expect)} != {b.tiles}")
+        sub = block_pixels(b)
+        step = (None if progress is None
+                else (lambda d, _t, base=done: progress(base + d, total)))
+        logits = blend_tiles(model_fn, sub, num_out_channels, tile=tile, overlap=overlap,
+                             batch_size=batch_size, device=device,
+                             autocast_dtype=autocast_dtype, channels_last=channels_last,
+                             progress=step, transform=normalize_tiles)
+        del sub
+        keep = logits[:, b.ky0 - b.y0:b.ky1 - b.y0, b.kx0 - b.x0:b.kx1 - b.x0]
+        yield b, logits_to_classes(keep, threshold)
+        del logits, keep
+        done += b.tiles
+
+
 def predict_classes(model_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray,
                     num_out_channels: int, *, tile: int = 512, overlap: float | int = 0.25,
                     batch_size: int = 4, device: torch.device | str = "cpu",
@@ -202,26 +239,55 @@ def predict_classes(model_fn: Callable[[torch.Tensor], torch.Tensor], image: np.
                          f"{image.shape}")
     device = torch.device(device)
     H, W = image.shape[:2]
-    blocks = plan_blocks(H, W, tile, overlap, num_out_channels, max_block_mb)
-    total = sum(b.tiles for b in blocks)
-    normalize_tiles = tile_normalizer(device)
-    classes = np.empty((H, W), dtype=np.uint8)
-    done = 0
-    for b in blocks:
-        expect = tile_grid(b.y1 - b.y0, b.x1 - b.x0, tile, overlap)
-        if len(expect) != b.tiles:  # the block must reproduce the global grid exactly
-            raise RuntimeError(f"internal: block {b} tiles {len(expect)} != {b.tiles}")
+
+    def block_pixels(b: Block) -> torch.Tensor:
         # A strided view of the photo; on a CPU device no pixel is copied here.
-        sub = torch.from_numpy(image[b.y0:b.y1, b.x0:b.x1]).to(device).permute(2, 0, 1)
-        step = (None if progress is None
-                else (lambda d, _t, base=done: progress(base + d, total)))
-        logits = blend_tiles(model_fn, sub, num_out_channels, tile=tile, overlap=overlap,
-                             batch_size=batch_size, device=device,
-                             autocast_dtype=autocast_dtype, channels_last=channels_last,
-                             progress=step, transform=normalize_tiles)
-        del sub
-        keep = logits[:, b.ky0 - b.y0:b.ky1 - b.y0, b.kx0 - b.x0:b.kx1 - b.x0]
-        classes[b.ky0:b.ky1, b.kx0:b.kx1] = logits_to_classes(keep, threshold).cpu().numpy()
-        del logits, keep
-        done += b.tiles
+        return torch.from_numpy(image[b.y0:b.y1, b.x0:b.x1]).to(device).permute(2, 0, 1)
+
+    classes = np.empty((H, W), dtype=np.uint8)
+    for b, cls in _block_class_maps(
+            model_fn, block_pixels, H, W, num_out_channels, tile=tile, overlap=overlap,
+            batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+            channels_last=channels_last, threshold=threshold, max_block_mb=max_block_mb,
+            progress=progress):
+        classes[b.ky0:b.ky1, b.kx0:b.kx1] = cls.cpu().numpy()
+    return classes
+
+
+def predict_class_map(model_fn: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor,
+                      num_out_channels: int, *, tile: int = 512,
+                      overlap: float | int = 0.25, batch_size: int = 4,
+                      device: torch.device | str = "cpu",
+                      autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+                      threshold: float = 0.5, max_block_mb: float = 1024.0,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """:func:`predict_classes` for a photo given as a tensor, the map left on ``device``.
+
+    The pipelined folder run decodes photos ahead of the model straight to the device
+    (nvJPEG, or an upload in the reader thread) and counts classes there, so the map
+    stays where it was made; only it (1 byte a pixel) and the counts come back. Besides
+    the block budget, the device holds the whole photo (3 bytes a pixel) and its map (1).
+
+    Args:
+        pixels: RGB uint8 ``[3, H, W]`` on any device (blocks move to ``device``; a view
+            of a host array costs no copy on a CPU device).
+        model_fn, num_out_channels, tile, overlap, batch_size, device, autocast_dtype,
+            channels_last, threshold, max_block_mb, progress: as for
+            :func:`predict_classes`.
+
+    Returns:
+        uint8 ``[H, W]`` class indices on ``device``, equal to :func:`predict_classes`.
+    """
+    if pixels.dim() != 3 or pixels.shape[0] != 3 or pixels.dtype != torch.uint8:
+        raise ValueError(f"pixels must be RGB uint8 [3, H, W], got {pixels.dtype} "
+                         f"{tuple(pixels.shape)}")
+    device = torch.device(device)
+    H, W = pixels.shape[1:]
+    classes = torch.empty(H, W, dtype=torch.uint8, device=device)
+    for b, cls in _block_class_maps(
+            model_fn, lambda b: pixels[:, b.y0:b.y1, b.x0:b.x1].to(device), H, W,
+            num_out_channels, tile=tile, overlap=overlap, batch_size=batch_size,
+            device=device, autocast_dtype=autocast_dtype, channels_last=channels_last,
+            threshold=threshold, max_block_mb=max_block_mb, progress=progress):
+        classes[b.ky0:b.ky1, b.kx0:b.kx1] = cls
     return classes

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -25,16 +27,18 @@ from PIL import Image
 
 from segcore.config import ConfigError
 from segcore.data.classes import IGNORE_INDEX, ClassScheme
-from segcore.data.images import (ImageReadError, find_truth, image_size, list_images,
-                                 read_image, read_truth)
+from segcore.data.images import find_truth, image_size, list_images, read_truth
 from segcore.data.layouts import DatasetError
 from segcore.faults import one_line
 from segcore.precision import DTYPES
 from segcore.predict import PredictError
-from segcore.predict.blocks import plan_blocks, predict_classes
+from segcore.predict.blocks import plan_blocks, predict_class_map
 from segcore.predict.figures import overlay, plot_summary, save_image
 from segcore.predict.flood import PropertyTable, aggregate, load_properties, surface_stats
 from segcore.predict.model import DEVICES, load_model, resolve_device
+from segcore.predict.pipeline import (DECODES, FIGURES, PNG_LEVEL, Photo, PhotoReader,
+                                      Prefetcher, StageTimes, Writers, class_counts,
+                                      stats_from_counts)
 
 __all__ = ["PRECISIONS", "PredictError", "PredictSettings", "Hooks", "FolderResult",
            "image_row", "predict_folder", "predict_checkpoint"]
@@ -73,6 +77,13 @@ class PredictSettings:
         overlay_alpha: opacity of the colour map in the overlay.
         max_image_pixels: larger images are skipped (PIL's decompression-bomb guard is
             raised to this for the duration of a read, never globally).
+        decode: ``cpu`` (PIL) or ``gpu`` (nvJPEG on the CUDA device, for JPEGs).
+        prefetch: photos decoded ahead of the model by the reader thread, besides the
+            one it is decoding (0: decode in the model's thread, no thread).
+        writers: threads encoding and writing outputs, and photos written at a time
+            (0: write in the model's thread). See :mod:`segcore.predict.pipeline`.
+        figures: files besides the class map: ``all`` (colour map and overlay),
+            ``color``, ``overlay`` or ``none``.
     """
 
     tile: int = 512
@@ -86,6 +97,10 @@ class PredictSettings:
     overlay_max_side: int = 2048
     overlay_alpha: float = 0.5
     max_image_pixels: int = 400_000_000
+    decode: str = "cpu"
+    prefetch: int = 1
+    writers: int = 2
+    figures: str = "all"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_zero: bool = False) -> None:
@@ -98,6 +113,12 @@ class PredictSettings:
         positive_int("batch_size")
         positive_int("overlay_max_side", allow_zero=True)
         positive_int("max_image_pixels")
+        positive_int("prefetch", allow_zero=True)
+        positive_int("writers", allow_zero=True)
+        for name, choices in (("decode", DECODES), ("figures", FIGURES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"predict.{name} = {getattr(self, name)!r} is not valid; "
+                                  f"choose one of: {', '.join(choices)}")
         if not (isinstance(self.overlap, (int, float)) and 0.0 <= self.overlap < 1.0):
             raise ConfigError(f"predict.overlap = {self.overlap!r} must be a fraction of the "
                               "tile in [0, 1), e.g. 0.25")
@@ -150,6 +171,7 @@ class FolderResult:
         skipped: ``[{"image": name, "error": message}, ...]``.
         out: the output folder.
         files: paths written.
+        timing: busy seconds per stage, wall time, images and pixels (``timing.json``).
     """
 
     rows: list[dict[str, Any]]
@@ -157,6 +179,7 @@ class FolderResult:
     skipped: list[dict[str, str]]
     out: Path
     files: list[Path] = field(default_factory=list)
+    timing: StageTimes | None = None
 
     @property
     def images_done(self) -> int:
@@ -178,7 +201,7 @@ def image_row(name: str, width: int | None, height: int | None, stats: Mapping[s
             ``impervious_fraction_err`` and ``C_typical_err`` (prediction - truth).
         correct, valid: correctly predicted and labelled (non-ignored) truth pixels,
             for ``pixel_accuracy``.
-        seconds: wall time of the image.
+        seconds: wall time of the image (from its decode to its files written).
         images: images in the row.
 
     Returns:
@@ -244,14 +267,17 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
                    device: torch.device | str = "cpu",
                    truth: Mapping[str, Path] | None = None, truth_kind: str = "target",
                    meta: Mapping[str, Any] | None = None,
-                   hooks: Hooks | None = None) -> FolderResult:
+                   hooks: Hooks | None = None,
+                   decoder: Callable[..., Any] | None = None) -> FolderResult:
     """Predict every image and write its maps and the folder's flood statistics.
 
     Per image (written as soon as it is done): ``<stem>_classes.png`` (mode L indices),
     ``<stem>_color.png``, ``<stem>_overlay.jpg``; after each image ``surface_stats.csv``
     and ``surface_stats.json`` are rewritten (rows so far + ``ALL``), so a crash keeps
     the finished images. ``summary.png`` is drawn at the end. A photo that cannot be
-    decoded is reported through ``hooks.log`` and skipped.
+    decoded is reported through ``hooks.log`` and skipped. Decoding, inference and
+    writing overlap (:mod:`segcore.predict.pipeline`; ``settings.prefetch`` and
+    ``settings.writers``); rows, files and hooks still come in input order.
 
     Args:
         model_fn: any callable ``[B, 3, t, t] -> [B, C, t, t]`` logits (eval mode).
@@ -266,6 +292,8 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
         truth_kind: ``target`` or ``sdd`` (see :func:`segcore.data.images.read_truth`).
         meta: extra fields for ``surface_stats.json`` (checkpoint, model).
         hooks: progress callbacks.
+        decoder: with ``settings.decode == "gpu"``, a batch JPEG decoder replacing
+            torchvision's (tests; see :func:`segcore.data.nvjpeg.decode_jpegs`).
 
     Returns:
         A :class:`FolderResult`.
@@ -273,9 +301,14 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
     Raises:
         PredictError: a property table or truth mask that does not fit the scheme
             (checked before any image is predicted).
+        ConfigError: ``--decode gpu`` without a CUDA device or torchvision.
     """
     settings = settings or PredictSettings()
     hooks = hooks or Hooks()
+    if settings.decode == "gpu":
+        from segcore.data.nvjpeg import check_gpu_decode
+
+        check_gpu_decode(device, decoder)
     table = table or load_properties(None, sch.name)
     if table.scheme != sch.name or tuple(table.names) != sch.names:
         raise PredictError(f"surface properties are for the {table.scheme!r} scheme "
@@ -295,41 +328,28 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
                  "(known) pixels; unknown_fraction is the share of all pixels whose "
                  "class has no surface (unlabeled, fence, person, ...) or is ignored. "
                  "ALL is area-weighted (pixel sums). *_err = prediction - truth."})
-    files: list[Path] = []
-    total = len(images)
-    for index, path in enumerate(images):
-        t0 = time.perf_counter()
-        try:
-            image = read_image(path, settings.max_image_pixels)
-        except ImageReadError as e:
-            tables.skipped.append({"image": path.name, "error": str(e)})
-            hooks.say(f"skipped {path}: {e}")
-            tables.write(final=False)
-            if hooks.image_finished:
-                hooks.image_finished(index, total, None)
-            continue
-        classes = _predict_image(model_fn, image, path.name, index, total, num_out_channels,
-                                 settings, device, hooks)
-        files += _write_maps(out, path.stem, image, classes, sch, settings)
-        H, W = image.shape[:2]
-        del image
-        entry = _score(classes, path, truth, sch, table, truth_kind, settings, hooks)
-        entry["row"] = image_row(path.name, W, H, entry["stats"], sch.names,
-                                 entry["truth_stats"], entry["correct"], entry["valid"],
-                                 seconds=time.perf_counter() - t0)
-        tables.done.append(entry)
-        del classes
-        tables.write(final=False)
-        if hooks.image_finished:
-            hooks.image_finished(index, total, entry["row"])
-    all_row = tables.write(final=True)
-    files += [tables.csv_path, tables.json_path]
+    times = StageTimes()
+    run = _FolderRun(model_fn, sch, out, num_out_channels, table, settings,
+                     torch.device(device), truth, truth_kind, tables, hooks, times,
+                     len(images))
+    reader = Prefetcher(images, PhotoReader(run.device, settings.decode,
+                                            settings.max_image_pixels, times, decoder),
+                        settings.prefetch)
+    writers = Writers(settings.writers, times)
+    try:
+        run.run(reader, writers)
+    finally:
+        reader.close()
+        writers.close()
+    all_row = tables.write(final=True, wall=times.elapsed())
+    times.finish()
+    files = run.files + [tables.csv_path, tables.json_path]
     rows = [d["row"] for d in tables.done]
     if all_row is not None:
         note = f"{len(tables.skipped)} image(s) skipped (unreadable)" if tables.skipped else ""
         plot_summary(rows, all_row, out / "summary.png", note)
         files.append(out / "summary.png")
-    return FolderResult(rows, all_row, tables.skipped, out, files)
+    return FolderResult(rows, all_row, tables.skipped, out, files, times)
 
 
 def _check_truth(images: Sequence[Path], truth: Mapping[str, Path], sch: ClassScheme,
@@ -360,14 +380,17 @@ class _StatsTables:
         self.done: list[dict[str, Any]] = []
         self.skipped: list[dict[str, str]] = []
 
-    def write(self, final: bool) -> dict[str, Any] | None:
+    def write(self, final: bool, wall: float) -> dict[str, Any] | None:
+        """Rewrite both files; ``wall``: the folder's seconds so far (the ALL row's
+        ``seconds``: photos overlap in the pipeline, so their own seconds, each from its
+        decode to its files written, do not add up to the run's time)."""
         from segcore.io import write_json_atomic, write_text_atomic
 
         rows = [d["row"] for d in self.done]
         all_row = None
         if self.done:
             all_row = image_row("ALL", None, None, aggregate([d["stats"] for d in self.done]),
-                                self.names, seconds=sum(r["seconds"] for r in rows),
+                                self.names, seconds=wall,
                                 images=len(self.done))
             all_row.update(_summarize_truth(self.done, self.names))
         table_rows = rows + ([all_row] if all_row else [])
@@ -379,54 +402,166 @@ class _StatsTables:
         return all_row
 
 
-def _predict_image(model_fn: Callable[[torch.Tensor], torch.Tensor], image: np.ndarray,
-                   name: str, index: int, total: int, num_out_channels: int,
-                   settings: PredictSettings, device: torch.device | str,
-                   hooks: Hooks) -> np.ndarray:
-    """The class map of one photo (tiled, in blocks within the memory budget)."""
-    H, W = image.shape[:2]
-    if hooks.image_started:
-        n_tiles = sum(b.tiles for b in plan_blocks(H, W, settings.tile, settings.overlap,
-                                                   num_out_channels, settings.max_block_mb))
-        hooks.image_started(index, total, name, n_tiles)
-    return predict_classes(
-        model_fn, image, num_out_channels, tile=settings.tile, overlap=settings.overlap,
-        batch_size=settings.batch_size, device=device,
-        autocast_dtype=None if settings.precision == "fp32" else DTYPES[settings.precision],
-        channels_last=bool(settings.channels_last),
-        threshold=0.5 if settings.threshold is None else settings.threshold,
-        max_block_mb=settings.max_block_mb, progress=hooks.tiles_done)
+@dataclass
+class _Pending:
+    """A predicted photo whose files are being written."""
+
+    photo: Photo
+    height: int
+    width: int
+    stats: dict[str, Any]
+    files: list[tuple[Path, Future]]
+    truth: Future | None
 
 
-def _write_maps(out: Path, stem: str, image: np.ndarray, classes: np.ndarray,
-                sch: ClassScheme, settings: PredictSettings) -> list[Path]:
-    """``<stem>_classes.png`` (indices), ``_color.png`` and ``_overlay.jpg``."""
-    written = [out / f"{stem}_classes.png", out / f"{stem}_color.png",
-               out / f"{stem}_overlay.jpg"]
-    save_image(Image.fromarray(classes), written[0], "PNG")  # uint8 2-D: mode L
-    save_image(Image.fromarray(sch.colorize(classes)), written[1], "PNG", compress_level=3)
-    save_image(overlay(image, classes, sch, settings.overlay_alpha,
-                       settings.overlay_max_side), written[2], "JPEG", quality=90)
-    return written
+def _save_classes(path: Path, classes: np.ndarray) -> None:
+    save_image(Image.fromarray(classes), path, "PNG", compress_level=PNG_LEVEL)  # mode L
 
 
-def _score(classes: np.ndarray, path: Path, truth: Mapping[str, Path], sch: ClassScheme,
-           table: PropertyTable, truth_kind: str, settings: PredictSettings,
-           hooks: Hooks) -> dict[str, Any]:
-    """Surface statistics of one class map, and against its truth mask if it has one."""
-    entry: dict[str, Any] = {"stats": surface_stats(classes, sch.names, table,
-                                                    ignore_index=None),
-                             "truth_stats": None, "correct": 0, "valid": 0}
-    if path.stem in truth:
-        mask = _truth_mask(truth[path.stem], sch, truth_kind, settings.max_image_pixels)
+def _save_color(path: Path, classes: np.ndarray, sch: ClassScheme) -> None:
+    save_image(Image.fromarray(sch.colorize(classes)), path, "PNG", compress_level=PNG_LEVEL)
+
+
+def _save_overlay(path: Path, photo: np.ndarray, classes: np.ndarray, sch: ClassScheme,
+                  settings: PredictSettings) -> None:
+    save_image(overlay(photo, classes, sch, settings.overlay_alpha,
+                       settings.overlay_max_side), path, "JPEG", quality=90)
+
+
+def _writing(path: Path, save: Callable[..., None], *args: Any) -> None:
+    """``save(path, *args)``; a failure names the file it was writing."""
+    try:
+        save(path, *args)
+    except OSError as e:
+        raise OSError(f"cannot write {path} ({one_line(e, 200)})") from e
+
+
+class _FolderRun:
+    """The per-photo work of :func:`predict_folder`, stage by stage (see
+    :mod:`segcore.predict.pipeline`): predict in the calling thread, write in the pool,
+    finish (table row, hooks) in input order."""
+
+    def __init__(self, model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassScheme,
+                 out: Path, num_out_channels: int, table: PropertyTable,
+                 settings: PredictSettings, device: torch.device, truth: Mapping[str, Path],
+                 truth_kind: str, tables: _StatsTables, hooks: Hooks, times: StageTimes,
+                 total: int) -> None:
+        self.model_fn, self.sch, self.out, self.table = model_fn, sch, out, table
+        self.num_out_channels, self.settings, self.device = num_out_channels, settings, device
+        self.truth, self.truth_kind, self.tables = truth, truth_kind, tables
+        self.hooks, self.times, self.total = hooks, times, total
+        self.files: list[Path] = []
+
+    def run(self, reader: Prefetcher, writers: Writers) -> None:
+        """Every photo of ``reader``; on an error, the photos already predicted are
+        finished (files and table rows) before it is raised."""
+        pending: deque[_Pending] = deque()
+        try:
+            for photo in reader:
+                if photo.error is not None:
+                    self._drain(pending, keep=0)
+                    self._skip(photo)
+                    continue
+                pending.append(self._predict(photo, writers))
+                del photo
+                self._drain(pending, keep=max(1, writers.workers))
+            self._drain(pending, keep=0)
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._drain(pending, keep=0)
+            raise
+
+    def _drain(self, pending: deque[_Pending], keep: int) -> None:
+        """Finish photos in order: those done, and (waiting) all but the last ``keep``."""
+        while pending and (len(pending) > keep
+                           or all(f.done() for _, f in pending[0].files)
+                           and (pending[0].truth is None or pending[0].truth.done())):
+            self._finish(pending[0])
+            pending.popleft()
+
+    def _skip(self, photo: Photo) -> None:
+        self.tables.skipped.append({"image": photo.path.name, "error": str(photo.error)})
+        self.hooks.say(f"skipped {photo.path}: {photo.error}")
+        self.times.skipped += 1
+        self.tables.write(final=False, wall=self.times.elapsed())
+        if self.hooks.image_finished:
+            self.hooks.image_finished(photo.index, self.total, None)
+
+    def _predict(self, photo: Photo, writers: Writers) -> _Pending:
+        """Class map and counts on the device; the files handed to the writers."""
+        s, hooks = self.settings, self.hooks
+        H, W = photo.height, photo.width
+        if hooks.image_started:
+            n_tiles = sum(b.tiles for b in plan_blocks(H, W, s.tile, s.overlap,
+                                                       self.num_out_channels,
+                                                       s.max_block_mb))
+            hooks.image_started(photo.index, self.total, photo.path.name, n_tiles)
+        with self.times.stage("infer"):
+            on_device = predict_class_map(
+                self.model_fn, photo.pixels, self.num_out_channels, tile=s.tile,
+                overlap=s.overlap, batch_size=s.batch_size, device=self.device,
+                autocast_dtype=None if s.precision == "fp32" else DTYPES[s.precision],
+                channels_last=bool(s.channels_last),
+                threshold=0.5 if s.threshold is None else s.threshold,
+                max_block_mb=s.max_block_mb, progress=hooks.tiles_done)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # honest stage times
+        with self.times.stage("stats"):
+            counts = class_counts(on_device, len(self.sch.names)).cpu().numpy()
+            classes = on_device.cpu().numpy()  # the only pixels that come back
+            stats = stats_from_counts(counts, self.sch, self.table)
+            rgb = photo.host_pixels() if s.figures in ("all", "overlay") else None
+        del on_device
+        photo.pixels = photo.host = None  # the pending photo keeps no pixels
+        stem = photo.path.stem
+        jobs: list[tuple[Path, Callable[..., None], tuple]] = [
+            (self.out / f"{stem}_classes.png", _save_classes, (classes,))]
+        if s.figures in ("all", "color"):
+            jobs.append((self.out / f"{stem}_color.png", _save_color, (classes, self.sch)))
+        if rgb is not None:
+            jobs.append((self.out / f"{stem}_overlay.jpg", _save_overlay,
+                         (rgb, classes, self.sch, s)))
+        files = [(path, writers.submit(_writing, path, save, *args))
+                 for path, save, args in jobs]
+        truth = (writers.submit(self._score_truth, classes, self.truth[stem])
+                 if stem in self.truth else None)
+        return _Pending(photo, H, W, stats, files, truth)
+
+    def _score_truth(self, classes: np.ndarray, mask_path: Path) -> dict[str, Any]:
+        """Truth stats of a photo's mask and the pixels the prediction got right."""
+        mask = _truth_mask(mask_path, self.sch, self.truth_kind,
+                           self.settings.max_image_pixels)
         valid = mask != IGNORE_INDEX
-        entry.update(truth_stats=surface_stats(mask, sch.names, table,
-                                               ignore_index=IGNORE_INDEX),
-                     correct=int(np.count_nonzero((classes == mask) & valid)),
-                     valid=int(np.count_nonzero(valid)))
-    elif truth:
-        hooks.say(f"no truth mask for {path.name}: its truth columns are empty")
-    return entry
+        return {"truth_stats": surface_stats(mask, self.sch.names, self.table,
+                                             ignore_index=IGNORE_INDEX),
+                "correct": int(np.count_nonzero((classes == mask) & valid)),
+                "valid": int(np.count_nonzero(valid))}
+
+    def _finish(self, item: _Pending) -> None:
+        """Wait for a photo's files, then its table row and hooks (input order)."""
+        written = []
+        for path, future in item.files:
+            future.result()  # raises the writer's error in this thread
+            written.append(path)
+        name = item.photo.path.name
+        entry: dict[str, Any] = {"stats": item.stats, "truth_stats": None, "correct": 0,
+                                 "valid": 0}
+        if item.truth is not None:
+            entry.update(item.truth.result())
+        elif self.truth:
+            self.hooks.say(f"no truth mask for {name}: its truth columns are empty")
+        entry["row"] = image_row(name, item.width, item.height, entry["stats"],
+                                 self.sch.names, entry["truth_stats"], entry["correct"],
+                                 entry["valid"],
+                                 seconds=time.perf_counter() - item.photo.started)
+        self.files += written
+        self.tables.done.append(entry)
+        self.times.images += 1
+        self.times.pixels += item.height * item.width
+        with self.times.stage("write"):
+            self.tables.write(final=False, wall=self.times.elapsed())
+        if self.hooks.image_finished:
+            self.hooks.image_finished(item.photo.index, self.total, entry["row"])
 
 
 def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Path, *,
@@ -454,6 +589,8 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
         PredictError: missing/unreadable/mismatched checkpoint, missing or empty image
             folder, property file or truth masks for another scheme, a tile size the
             architecture cannot take, fp16 on a CPU.
+        ConfigError: ``--decode gpu`` without a CUDA device or torchvision with nvJPEG
+            (checked before the checkpoint is loaded).
         segcore.predict.flood.PropertyError: an invalid property file.
     """
     from segcore.model.unet import check_input_size
@@ -462,6 +599,10 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
     device = resolve_device(settings.device)
     if settings.precision == "fp16" and device.type != "cuda":
         raise PredictError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if settings.decode == "gpu":
+        from segcore.data.nvjpeg import check_gpu_decode
+
+        check_gpu_decode(device)
     # Cheap checks first: a wrong folder should not wait for a checkpoint load.
     with _as_predict_error():
         files = list_images(images)
