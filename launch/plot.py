@@ -29,6 +29,10 @@ def parser() -> argparse.ArgumentParser:
                    help="results folder(s) holding runs.jsonl")
     p.add_argument("--out", help="one folder: write plots/ and report.md here instead of "
                                  "into it; several: the comparison folder (./compare)")
+    p.add_argument("--what-if-step-ms", type=float, metavar="MS",
+                   help="one folder: also compute the scaling model's what-if rows at this "
+                        "1-worker step time (e.g. a GPU's measured step), not only at the "
+                        "step measured in the folder")
     p.add_argument("--mixed-hardware", action="store_true",
                    help="compare folders recorded on different (or unrecorded) hardware; "
                         "without it such a comparison is refused, since a speed gap "
@@ -71,7 +75,10 @@ def check_same_hardware(folders: list[Path]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.what_if_step_ms is not None and not a.what_if_step_ms > 0:
+        p.error(f"--what-if-step-ms {a.what_if_step_ms:g}: must be a step time in ms > 0")
     folders = [Path(f) for f in a.folders]
     for f in folders:
         if not f.is_dir():
@@ -90,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if len(folders) == 1:
-            path = report.write_report(folders[0], out=a.out)
+            path = report.write_report(folders[0], out=a.out,
+                                       what_if_step_ms=a.what_if_step_ms)
             plots_dir = path.parent / "plots"
         else:
             path = report.write_compare(folders, Path(a.out or "compare"))

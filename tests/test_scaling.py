@@ -208,6 +208,64 @@ def test_report_section_without_communication_says_how_to_measure(tmp_path):
     assert "not measured" in text and "launch/commbench.py" in text
 
 
+def test_held_out_check_predicts_the_largest_count_inside_its_interval():
+    """Rows the model generated (1, 2, 4 workers): fitted on 1-2, it predicts 4 within
+    the interval; with only two counts there is nothing to hold out."""
+    rows = synthetic_rows(0.3)
+    check = sm.held_out_check(rows, NET, fake_describe)
+    assert check["held_out"] == 4 and check["fit_on"] == [1, 2]
+    assert len(check["runs"]) == 3
+    for r in check["runs"]:
+        assert r["lo"] <= r["predicted_img_s"] <= r["hi"]
+        assert r["inside"] and abs(r["err_pct"]) < 3.0
+    assert sm.held_out_check([r for r in rows if r["world_size"] < 4], NET,
+                             fake_describe) is None
+    # a measurement far off the model is reported outside its interval
+    off = [dict(r, throughput_img_s=r["throughput_img_s"] * (0.5 if r["world_size"] == 4
+                                                            else 1.0)) for r in rows]
+    assert not any(r["inside"] for r in sm.held_out_check(off, NET, fake_describe)["runs"])
+
+
+def test_bounds_widen_with_noise_and_an_unconstrained_fit():
+    rows = synthetic_rows(0.3)
+    workloads, fit = sm.calibrate(rows, NET, fake_describe)
+    loo = sm.leave_one_out(rows, NET, fake_describe)
+    b = sm.bounds(rows, fit, loo)
+    assert b.measured_max == 4 and b.extrapolation(1024) == 256 and b.extrapolation(2) == 1
+    assert b.hidden[0] <= fit.value <= b.hidden[1] and b.hidden != (0.0, 1.0)
+    assert b.rel_err_pct >= sm.RUN_TO_RUN_PCT  # never tighter than run-to-run noise
+    loose = sm.bounds(rows, sm.HiddenFit(0.0, 1, 0.01, "few"), loo)
+    assert loose.hidden == (0.0, 1.0) and "hardly constrain" in loose.note
+    w = next(iter(workloads.values()))
+    tight = sm.predict_interval(w, "allreduce", NET, fit.value, b, (1, 64))
+    wide = sm.predict_interval(w, "allreduce", NET, fit.value, loose, (1, 64))
+    assert tight[0]["efficiency_lo"] == tight[0]["efficiency_hi"] == 1.0  # by definition
+    for t, x in zip(tight, wide):
+        assert x["efficiency_lo"] <= t["efficiency_lo"] <= t["efficiency"] <= t["efficiency_hi"]
+        assert t["throughput_img_s_lo"] < t["throughput_img_s"] < t["throughput_img_s_hi"]
+    assert tight[1]["extrapolation"] == 16
+
+
+def test_what_if_at_a_named_step_time_exposes_more_communication(tmp_path):
+    """A GPU's 2 ms step on the same network scales worse than the measured CPU step:
+    the what-if rows name the step they use, never silently the CPU's."""
+    w = sm.at_step_time(W, 2.0)
+    assert w.step_s == pytest.approx(2e-3)
+    assert w.fwd_bwd_s / w.step_s == pytest.approx(W.fwd_bwd_s / W.step_s)
+    net = sm.WHAT_IF[0]
+    fast = sm.predict(w, "allreduce", net, 0.0, (64,))[0]["efficiency"]
+    slow = sm.predict(W, "allreduce", net, 0.0, (64,))[0]["efficiency"]
+    assert fast < slow
+    with pytest.raises(ValueError):
+        sm.at_step_time(W, 0.0)
+    rows = synthetic_rows(0.3)
+    text = scaling_report.report_section(rows, fake_comm(), tmp_path, describe=fake_describe,
+                                         what_if_step_ms=2.0)
+    assert "2.0 (given)" in text and "(measured here)" in text
+    assert "### Held-out check" in text and "3 of 3 measured run(s) fall inside" in text
+    assert "x256" in text and "### The model on published scaling figures" in text
+
+
 # --------------------------------------------------------------------------- memory
 
 

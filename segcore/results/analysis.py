@@ -64,6 +64,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from segcore.scaling.model import RUN_TO_RUN_PCT as _RUN_TO_RUN_PCT
+
 __all__ = [
     "MIN_MEASURED_STEPS", "CI_LIMIT_PCT", "FLAGS", "FAMILY_COLUMNS",
     "OPTIONAL_FAMILY_COLUMNS", "NUMERIC_COLUMNS", "ANNOTATION_COLUMNS", "DERIVED_COLUMNS",
@@ -78,9 +80,9 @@ SPEED_OBJECTIVES = ("throughput_img_s", "scaling_efficiency", "memory_mb")
 CI_LIMIT_PCT = 10.0
 WALL_SHARE_MIN = 0.8  # measured step time / wall time of the window, below it: flagged
 # Without repeats the run-to-run spread of a configuration is unknown; this much is
-# assumed (the spread measured between identical runs on one 2-core host was about 6 %,
-# 6x their within-run CI), and the report says it was assumed.
-RUN_TO_RUN_PCT = 6.0
+# assumed (declared with the scaling model, whose intervals use it too), and the report
+# says it was assumed.
+RUN_TO_RUN_PCT = _RUN_TO_RUN_PCT
 # Flags about one derived value, not the row: the MFU is shown as flagged, while the row's
 # throughput, memory and accuracy stand (the ceiling it divides by is what is wrong).
 VALUE_FLAGS = ("impossible-mfu",)

@@ -462,14 +462,15 @@ def _status_summary(d: pd.DataFrame) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def _scaling_section(folder: Path, out: Path) -> list[str]:
+def _scaling_section(folder: Path, out: Path, what_if_step_ms: float | None = None
+                     ) -> list[str]:
     """The calibrated scaling and memory models (segcore.scaling.report)."""
     from segcore.scaling.report import report_section
     from segcore.results.rows import read_records
 
     try:
         text = report_section(read_records(folder), folder / "commbench.json",
-                              out / "plots", link_base=out)
+                              out / "plots", link_base=out, what_if_step_ms=what_if_step_ms)
     except Exception as e:  # a model that cannot be fitted must not lose the report
         return ["## Scaling model", "", f"Not drawn ({type(e).__name__}: "
                 f"{_first_line(e)}).", ""]
@@ -477,7 +478,8 @@ def _scaling_section(folder: Path, out: Path) -> list[str]:
 
 
 def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] | None
-                 = None, out: str | Path | None = None) -> Path:
+                 = None, out: str | Path | None = None,
+                 what_if_step_ms: float | None = None) -> Path:
     """Write ``report.md`` for a results folder.
 
     Args:
@@ -486,6 +488,8 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
             when None they are drawn now into ``<out>/plots``, so the report never
             links a figure older than its table.
         out: where ``report.md`` (and drawn plots) go; default ``folder``.
+        what_if_step_ms: a 1-worker step time (ms, e.g. a GPU's) the scaling model's
+            what-if rows are also computed at.
 
     Returns:
         the path of ``report.md``.
@@ -518,7 +522,7 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
         lines += _results_section(d, env)
         lines += _accuracy_section(d, env)
         lines += study_section(d, env)
-        lines += _scaling_section(folder, out)
+        lines += _scaling_section(folder, out, what_if_step_ms)
         lines += _confidence_section(d)
         lines += _failed_section(d, folder)
         lines += _launch_section(d)

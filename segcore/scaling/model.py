@@ -526,6 +526,128 @@ def loo_summary(loo: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- bounds
+
+
+# The throughput spread between identical runs on one host, where a sweep has no repeats
+# to measure it: about 6 % between identical runs on one 2-core host, 6x their
+# within-run CI. The report's ties and this model's intervals both use it.
+RUN_TO_RUN_PCT = 6.0
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a prediction interval rests on.
+
+    Attributes:
+        hidden: the ``h`` range the data allow: the spread of ``h`` over the
+            leave-one-out refits, or all of [0, 1] where the fit hardly constrains it
+            (fewer than two multi-worker runs, or communication under 2 % of their steps).
+        rel_err_pct: the relative error added on both sides: the leave-one-out throughput
+            error and the run-to-run spread, added in quadrature.
+        measured_max: the largest worker count measured; predictions beyond it are
+            extrapolations by ``p / measured_max``.
+        note: how the interval was formed, for the report.
+    """
+
+    hidden: tuple[float, float]
+    rel_err_pct: float
+    measured_max: int
+    note: str
+
+    def extrapolation(self, workers: int) -> float:
+        """How far ``workers`` lies beyond the measured counts (1: inside them)."""
+        return max(1.0, workers / max(self.measured_max, 1))
+
+
+def bounds(rows: Sequence[Mapping[str, Any]], fit: HiddenFit,
+           loo: Sequence[Mapping[str, Any]], run_to_run_pct: float = RUN_TO_RUN_PCT
+           ) -> Bounds:
+    """The interval of the model's predictions from its fit and the measured noise."""
+    ok = [r for r in rows if usable(r)]
+    top = max((int(_num(r["world_size"])) for r in ok), default=1)
+    hs = [x["hidden"] for x in loo if x.get("hidden") is not None] + [fit.value]
+    loose = fit.points < 2 or not (fit.comm_share >= 0.02)
+    h = (0.0, 1.0) if loose else (min(hs), max(hs))
+    errs = [abs(x["img_s_err_pct"]) for x in loo if x.get("img_s_err_pct") is not None]
+    loo_pct = sum(errs) / len(errs) if errs else math.nan
+    rel = math.hypot(loo_pct if math.isfinite(loo_pct) else 0.0, run_to_run_pct)
+    why_h = ("h anywhere in [0, 1]: the measured runs hardly constrain it" if loose else
+             f"h in [{h[0]:.2f}, {h[1]:.2f}] over the leave-one-out refits")
+    why_e = (f"\u00b1{rel:.0f} %: leave-one-out error {loo_pct:.1f} % and run-to-run "
+             f"spread {run_to_run_pct:g} % in quadrature" if math.isfinite(loo_pct) else
+             f"\u00b1{rel:.0f} %: the run-to-run spread alone (no leave-one-out error)")
+    return Bounds(h, rel, top, f"{why_h}; {why_e}")
+
+
+def predict_interval(w: Workload, pattern: str, net: Interconnect, hidden: float, b: Bounds,
+                     workers: Sequence[int] = WORKERS, global_batch: float | None = None
+                     ) -> list[dict[str, float]]:
+    """:func:`predict` with ``efficiency_lo/hi`` and ``throughput_img_s_lo/hi``: the
+    prediction at both ends of ``b.hidden`` (more overlap is faster), widened by
+    ``b.rel_err_pct``; ``extrapolation`` is ``p`` over the largest measured count."""
+    mid = predict(w, pattern, net, hidden, workers, global_batch)
+    lo = {x["workers"]: x for x in predict(w, pattern, net, b.hidden[0], workers, global_batch)}
+    hi = {x["workers"]: x for x in predict(w, pattern, net, b.hidden[1], workers, global_batch)}
+    e = b.rel_err_pct / 100.0
+    for x in mid:
+        p = x["workers"]
+        for k in ("efficiency", "throughput_img_s"):
+            x[f"{k}_lo"] = min(lo[p][k], x[k]) * (1.0 - e)
+            x[f"{k}_hi"] = max(hi[p][k], x[k]) * (1.0 + e)
+        # Noise widens an efficiency downwards, but not past what the model itself allows
+        # upwards: above 100 % only where it predicts it (a sharded optimizer), and the
+        # 1-worker efficiency is 100 % by definition.
+        x["efficiency_hi"] = max(min(x["efficiency_hi"], 1.0), hi[p]["efficiency"], x["efficiency"])
+        if p == 1 and global_batch is None:
+            x["efficiency_lo"] = x["efficiency_hi"] = x["efficiency"]
+        x["extrapolation"] = b.extrapolation(p)
+    return mid
+
+
+def held_out_check(rows: Sequence[Mapping[str, Any]], net: Interconnect,
+                   describe: Describe = describe_row) -> dict[str, Any] | None:
+    """Fit on every worker count but the largest, predict the largest, and say whether
+    the measurement falls inside the interval.
+
+    Returns:
+        ``None`` with fewer than three measured worker counts (two points leave nothing
+        to hold out from a fit that needs a baseline and a multi-worker count); else
+        ``{"held_out": p, "fit_on": [...], "bounds": Bounds, "runs": [{"run_id",
+        "measured_img_s", "predicted_img_s", "lo", "hi", "err_pct", "inside"}, ...]}``.
+    """
+    ok = [r for r in rows if usable(r)]
+    counts = sorted({int(_num(r["world_size"])) for r in ok})
+    if len(counts) < 3:
+        return None
+    top = counts[-1]
+    train = [r for r in ok if int(_num(r["world_size"])) < top]
+    workloads, fit = calibrate(train, net, describe)
+    b = bounds(train, fit, leave_one_out(train, net, describe))
+    runs = []
+    for r in ok:
+        w = workloads.get(family_key(r))
+        if int(_num(r["world_size"])) != top or w is None or _truthy(r.get("strong_scaling")):
+            continue
+        x = predict_interval(w, _pattern(r), net, fit.value, b, (top,))[0]
+        meas = _num(r.get("throughput_img_s"))
+        runs.append({"run_id": r.get("run_id"), "measured_img_s": meas,
+                     "predicted_img_s": x["throughput_img_s"],
+                     "lo": x["throughput_img_s_lo"], "hi": x["throughput_img_s_hi"],
+                     "err_pct": (x["throughput_img_s"] / meas - 1) * 100,
+                     "inside": x["throughput_img_s_lo"] <= meas <= x["throughput_img_s_hi"]})
+    return {"held_out": top, "fit_on": counts[:-1], "bounds": b, "runs": runs}
+
+
+def at_step_time(w: Workload, step_ms: float) -> Workload:
+    """The workload with its 1-worker step set to ``step_ms`` (its phases scaled alike):
+    a what-if at a named step time, e.g. a GPU's, instead of the step measured here."""
+    if not step_ms > 0:
+        raise ValueError(f"step time {step_ms!r} ms must be > 0")
+    k = step_ms / 1e3 / w.step_s
+    return replace(w, step_s=w.step_s * k, fwd_bwd_s=w.fwd_bwd_s * k, optim_s=w.optim_s * k)
+
+
 # --------------------------------------------------------------------------- published
 
 

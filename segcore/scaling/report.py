@@ -10,17 +10,19 @@ from typing import Any, Mapping, Sequence
 
 from segcore.io import save_figure_atomic
 from segcore.registry import COMM_PATTERN_LABELS
-from segcore.scaling.model import (ASSUMPTIONS, Describe, HiddenFit, Interconnect, Link, PATTERNS, PUBLISHED,
+from segcore.scaling.model import (ASSUMPTIONS, Bounds, Describe, HiddenFit, Interconnect, Link, PATTERNS, PUBLISHED,
                                    Published, REPORT_WORKERS, WHAT_IF, WORKERS, Workload, _num, _truthy, calibrate,
                                    comm_pattern, comm_times, describe_row, family_key, fit_hidden, leave_one_out,
                                    loo_summary, predict, published_comparison, step_time, uniform_buckets, usable,
-                                   workload_from_rows)
+                                   workload_from_rows, at_step_time, bounds, held_out_check,
+                                   predict_interval)
 
 
 def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | str | Path
                    | None, out_dir: str | Path, link_base: str | Path | None = None,
                    what_if: Sequence[Interconnect] = WHAT_IF,
-                   describe: Describe = describe_row) -> str:
+                   describe: Describe = describe_row,
+                   what_if_step_ms: float | None = None) -> str:
     """The report's scaling-model section; draws ``<out_dir>/scaling_model.png``.
 
     Args:
@@ -32,6 +34,9 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
         link_base: the folder the markdown is written into (figure links are relative to
             it); default ``out_dir``.
         what_if: interconnects the predictions are also shown for.
+        what_if_step_ms: the 1-worker step time (ms) the what-if rows are also computed
+            at, e.g. a GPU's measured step; the rows at the step measured here are always
+            shown, labelled with it.
 
     Returns:
         markdown, starting with a ``## Scaling model`` heading.
@@ -84,30 +89,52 @@ def report_section(rows: Sequence[Mapping[str, Any]], comm: Mapping[str, Any] | 
         f"throughput {_f(v['img_s'][0], '.1f')} % ({v['step'][1]} run(s))"
         for k, v in summ.items()) + ".")
     lines.append("")
+    b = bounds(ok, fit, loo)
+    lines += _held_out_lines(ok, net, describe)
     cols = [f"{p}" for p in REPORT_WORKERS]
     align = ["l", "l"] + ["r"] * len(REPORT_WORKERS)
     table, what, curves = [], [], []
     for key, w in sorted(workloads.items(), key=lambda kv: kv[1].label):
         pats = _patterns_for(key[0], key[1])
         for pat in pats:
-            table.append([w.label, _pattern_name(pat)] + _effs(w, pat, net, fit.value))
+            table.append([w.label, _pattern_name(pat)] + _effs(w, pat, net, fit.value, b))
             curves.append((w, pat))
+        steps = [("measured here", w)]
+        if what_if_step_ms is not None:
+            steps.append(("given", at_step_time(w, what_if_step_ms)))
         for n in what_if:
-            what.append([w.label, n.name] + _effs(w, pats[0], n, fit.value))
+            for kind, ww in steps:
+                what.append([w.label, n.name, f"{ww.step_s * 1e3:.1f} ({kind})"]
+                            + _effs(ww, pats[0], n, fit.value, b))
+    table.append(["", "extrapolation"] + [
+        "measured" if b.extrapolation(p) <= 1 else f"x{b.extrapolation(p):.0f}"
+        for p in REPORT_WORKERS])
     lines += ["### Predicted weak-scaling efficiency", "",
               f"On the measured interconnect, h = {fit.value:.2f}: each family as measured and "
-              "as the other engines would run it.", "",
+              "as the other engines would run it. In brackets the prediction interval: "
+              f"{b.note}. Measured up to {b.measured_max} worker(s): the last row says how "
+              "far each column lies beyond that (an extrapolation, not a measurement).", "",
               markdown_table(["family", "engine"] + cols, table, align)]
     if what:
-        lines += ["The measured engine on other interconnects (what-if):", "",
-                  markdown_table(["family", "interconnect"] + cols, what, align)]
+        cpu = any(str(r.get("device_type")) == "cpu" for r in ok)
+        lines += ["The measured engine on other interconnects (what-if), at the 1-worker "
+                  "step time (ms) named in the third column"
+                  + (": the step measured here is a CPU step, 10-100x a GPU's, and a "
+                     "shorter step leaves communication that much more exposed. Pass "
+                     "`--what-if-step-ms MS` to `launch/plot.py` to see these rows at a "
+                     "GPU's measured step." if cpu and what_if_step_ms is None else "."),
+                  "", markdown_table(["family", "interconnect", "step (ms)"] + cols, what,
+                                     ["l", "l", "l"] + align[2:])]
     fig = plot_scaling(ok, workloads, curves, net, fit.value, out_dir / "scaling_model.png",
-                       describe)
+                       describe, bounds_=b)
     rel = Path(_relpath(fig, link_base or out_dir))
     lines += [f"![scaling model]({rel.as_posix()})", "",
               "Lines: the model (weak scaling to 1,024 workers on the measured interconnect; "
-              "strong scaling at a global batch of 1,024); points: measured runs.", "",
-              "### Assumptions", ""]
+              "strong scaling at a global batch of 1,024), bands: its prediction interval; "
+              "points: measured runs; the shaded region lies beyond the measured worker "
+              "counts.", ""]
+    lines += _published_lines()
+    lines += ["### Assumptions", ""]
     lines += [f"- {a}" for a in ASSUMPTIONS]
     lines += ["", memory.report_section(ok, describe=describe)]
     return "\n".join(lines)
@@ -127,9 +154,61 @@ def _not_measured(comm: Mapping[str, Any] | None) -> str:
     return f"The interconnect was not measured for this sweep ({comm.get('skipped')}), {how}."
 
 
-def _effs(w: Workload, pattern: str, net: Interconnect, hidden: float) -> list[str | None]:
-    return [_f(x["efficiency"] * 100, ".0f", " %")
-            for x in predict(w, pattern, net, hidden, REPORT_WORKERS)]
+def _effs(w: Workload, pattern: str, net: Interconnect, hidden: float, b: Bounds
+          ) -> list[str | None]:
+    """Efficiency cells with their interval: ``93 % (81-100)``."""
+    def cell(x: Mapping[str, float]) -> str | None:
+        mid, lo, hi = (f"{x[k] * 100:.0f}" for k in ("efficiency", "efficiency_lo",
+                                                     "efficiency_hi"))
+        if _f(x["efficiency"], ".2f") is None:
+            return None
+        return f"{mid} %" if lo == hi == mid else f"{mid} % ({lo}-{hi})"
+
+    return [cell(x) for x in predict_interval(w, pattern, net, hidden, b, REPORT_WORKERS)]
+
+
+def _held_out_lines(ok: Sequence[Mapping[str, Any]], net: Interconnect,
+                    describe: Describe) -> list[str]:
+    """The held-out check: fit without the largest worker count, predict it."""
+    from segcore.fmt import markdown_table
+
+    check = held_out_check(ok, net, describe)
+    if check is None:
+        counts = sorted({int(_num(r["world_size"])) for r in ok})
+        return ["### Held-out check", "",
+                f"Not run: it needs three or more measured worker counts, and this sweep "
+                f"measured {len(counts)} ({', '.join(map(str, counts))}). Until then the "
+                "predictions beyond the measured counts rest on the fit alone.", ""]
+    runs = check["runs"]
+    inside = sum(1 for r in runs if r["inside"])
+    return ["### Held-out check", "",
+            f"Fitted on {', '.join(map(str, check['fit_on']))} worker(s) only, then asked "
+            f"for {check['held_out']}: {inside} of {len(runs)} measured run(s) fall inside "
+            f"the interval ({check['bounds'].note}).", "",
+            markdown_table(["run", "measured img/s", "predicted img/s", "interval",
+                            "error", "inside"],
+                           [[r["run_id"], _f(r["measured_img_s"], ".2f"),
+                             _f(r["predicted_img_s"], ".2f"),
+                             f"{r['lo']:.2f}-{r['hi']:.2f}", _f(r["err_pct"], "+.1f", " %"),
+                             "yes" if r["inside"] else "**no**"] for r in runs],
+                           ["l", "r", "r", "r", "r", "l"]), ""]
+
+
+def _published_lines() -> list[str]:
+    """The model run on published scaling figures (their compute and network as inputs)."""
+    from segcore.fmt import markdown_table
+
+    rows, _ = published_comparison()
+    return ["### The model on published scaling figures", "",
+            "Each published figure's 1-GPU throughput, model size, batch and interconnect "
+            "put into the same model: with no overlap (h = 0), all the overlap backward "
+            "allows (h = 1), and h fitted on the other figures of its group. Sources and "
+            "derivations: docs/scaling.md.", "",
+            markdown_table(["published figure", "published", "h = 0", "h = 1", "h fitted"],
+                           [[r["name"], _f(r["published"] * 100, ".0f", " %"),
+                             _f(r["h0"] * 100, ".0f", " %"), _f(r["h1"] * 100, ".0f", " %"),
+                             _f(r.get("fitted", math.nan) * 100, ".0f", " %") or "-"]
+                            for r in rows], ["l", "r", "r", "r", "r"]), ""]
 
 
 def _patterns_for(engine: str, stage: int) -> list[str]:
@@ -157,24 +236,34 @@ def _relpath(path: Path, base: str | Path) -> str:
 def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Workload],
                  curves: Sequence[tuple[Workload, str]], net: Interconnect, hidden: float,
                  path: str | Path, describe: Describe = describe_row,
-                 global_batch: float = 1024.0) -> Path:
+                 global_batch: float = 1024.0, bounds_: Bounds | None = None) -> Path:
     """Three panels: weak-scaling throughput and efficiency (1 to 1,024 workers) and
-    strong-scaling efficiency; lines predicted, points measured (efficiency against the
-    family's measured 1-worker throughput)."""
+    strong-scaling efficiency; lines predicted with their interval as a band
+    (``bounds_``), points measured (efficiency against the family's measured 1-worker
+    throughput), the worker counts beyond the measured ones shaded."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(14, 4.6))
     axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
     colors: dict[str, Any] = {}
+    banded: set[str] = set()
     for w, pat in curves:
         label = f"{w.label} as {_pattern_name(pat)}"
-        weak = predict(w, pat, net, hidden)
+        weak = (predict_interval(w, pat, net, hidden, bounds_) if bounds_ is not None
+                else predict(w, pat, net, hidden))
         ls = {"allreduce": "-", "zero12": "--", "sharded": ":", "none": "-"}[pat]
-        line = axes[0].plot([x["workers"] for x in weak], [x["throughput_img_s"] for x in weak],
+        xs = [x["workers"] for x in weak]
+        line = axes[0].plot(xs, [x["throughput_img_s"] for x in weak],
                             ls, label=label, color=colors.get(w.label))[0]
         colors.setdefault(w.label, line.get_color())
-        axes[1].plot([x["workers"] for x in weak], [x["efficiency"] for x in weak], ls,
-                     color=colors[w.label])
+        axes[1].plot(xs, [x["efficiency"] for x in weak], ls, color=colors[w.label])
+        own = w.label not in banded  # each family's first curve: its measured engine
+        banded.add(w.label)
+        if bounds_ is not None and own:
+            for ax, k in ((axes[0], "throughput_img_s"), (axes[1], "efficiency")):
+                ax.fill_between(xs, [x[f"{k}_lo"] for x in weak],
+                                [x[f"{k}_hi"] for x in weak], color=colors[w.label],
+                                alpha=0.12, lw=0)
         strong = predict(w, pat, net, hidden, global_batch=global_batch)
         axes[2].plot([x["workers"] for x in strong], [x["efficiency"] for x in strong], ls,
                      color=colors[w.label])
@@ -200,6 +289,12 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("log")
+    if bounds_ is not None:
+        for ax in axes:
+            ax.axvspan(bounds_.measured_max, max(WORKERS), color="0.85", alpha=0.35, lw=0,
+                       label=None)
+        axes[0].plot([], [], "o", color="k", ms=5, label="measured")
+        axes[0].fill_between([], [], [], color="0.5", alpha=0.3, label="model interval")
     axes[1].set_ylim(0, top)
     axes[2].set_ylim(0, 1.1)
     axes[0].legend(fontsize=6, loc="upper left")
