@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from segcore.cli import assignments, parse_assignment  # noqa: E402
 from segcore.config import ConfigError  # noqa: E402
 from segcore.faults import handle_sigterm  # noqa: E402
-from segcore.registry import LOADERS, engine_axis_choices  # noqa: E402
+from segcore.registry import DECODES, LOADERS, engine_axis_choices  # noqa: E402
 from segcore.sweep.driver import SweepInterrupted  # noqa: E402
 
 
@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"{engine_axis_choices()} (default ddp)")
     p.add_argument("--loaders", type=_strs(LOADERS, "--loaders"),
                    help=f"{', '.join(LOADERS)} (default torch)")
+    p.add_argument("--decodes", type=_strs(DECODES, "--decodes"),
+                   help="where the torch loader decodes training JPEGs: cpu, gpu or cpu,gpu "
+                        "(the axis data.decode; rows record it as decode; default cpu)")
     p.add_argument("--precisions", type=_strs(("fp32", "bf16", "fp16"), "--precisions"),
                    help="fp32, bf16, fp16 (default fp32)")
     p.add_argument("--channels-last", type=_bools,
@@ -174,12 +177,18 @@ def _merged(*overs: dict) -> dict:
     return out
 
 
-def axes(items: list[str]) -> dict[str, list[str]]:
+def axes(items: list[str], decodes: list[str] | None = None) -> dict[str, list[str]]:
     """``--axis PATH=V1,V2`` items as ``{path: [text, ...]}`` (typed by the grid).
-    A list-valued field (``model.widths``) separates its values with ``;``."""
+    A list-valued field (``model.widths``) separates its values with ``;``.
+    ``decodes`` (``--decodes``) is the axis ``data.decode``."""
     from segcore.cli import field
 
     out: dict[str, list[str]] = {}
+    if decodes:
+        if any(parse_assignment(item, "--axis")[0] == "data.decode" for item in items):
+            raise ConfigError("--decodes and --axis data.decode=... name the same axis; "
+                              "give one of them")
+        out["data.decode"] = list(decodes)
     for item in items:
         path, text = parse_assignment(item, "--axis")
         sep = ";" if field(path).kind is tuple else ","
@@ -316,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                          timeout_s=a.timeout,
                          overrides=_merged(train_overrides(a.train_arg),
                                            assignments(a.set_items)),
-                         axes=axes(a.axis_items))
+                         axes=axes(a.axis_items, a.decodes))
         if a.preset == "paper":
             p = preset("paper", a.epochs if epochs_given else None)
             if epochs_given:

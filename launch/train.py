@@ -28,6 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E40
 
 from segcore.cli import add_config_arguments, overrides  # noqa: E402
 from segcore.config import ConfigError, RunConfig, load_config  # noqa: E402
+from segcore.data.images import ImageReadError  # noqa: E402
 from segcore.data.layouts import DatasetError  # noqa: E402
 from segcore.faults import (die_with_parent, handle_sigterm, interruption,  # noqa: E402
                             is_oom, one_line)
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except Diverged as e:
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
+    except ImageReadError as e:  # a training image that cannot be decoded, on any path
+        print(f"{prefix}error: {_image_error(e)}; replace the file, or run launch/prepare.py "
+              "to check the dataset", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (scancel, preemption): the same
         print(f"{prefix}interrupted ({interruption(e)}): checkpoints already written are "
               f"kept; continue with --resume --out {out_hint}",
@@ -171,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prefix}error: {type(e).__name__}: {one_line(e)}", file=sys.stderr, flush=True)
         raise
     return 0
+
+
+def _image_error(e: ImageReadError) -> str:
+    """The error's own line: raised in a DataLoader worker, it arrives with the worker's
+    traceback in its message, and its last line is the original error."""
+    last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    return last.split("ImageReadError: ", 1)[-1]
 
 
 def leave(rc: int | None) -> None:

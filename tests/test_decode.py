@@ -166,3 +166,54 @@ def test_prefetch_is_sized_from_the_cores():
     assert prefetch_factor(2, cores=16) == 8  # capped
     assert prefetch_factor(1, cores=2) == 4
     assert prefetch_factor(16, cores=4) == 2  # at least 2
+
+
+def _spec(loaders, decodes):
+    from segcore.sweep.grid import SweepSpec
+
+    return SweepSpec(workers=[1], batch_sizes=[4], depths=[3], engines=["ddp"],
+                     loaders=loaders, precisions=["fp32"], channels_last=[True],
+                     axes={"data.decode": decodes})
+
+
+def test_decodes_axis_leaves_out_a_decode_the_loader_does_not_take():
+    """--loaders torch,dali --decodes cpu,gpu: DALI keeps its own decode (no dali x gpu
+    job); a grid with nothing to run says why."""
+    from segcore.sweep.grid import expand
+
+    jobs = expand(_spec(["torch", "dali"], ["cpu", "gpu"]))
+    got = sorted((j.config.data.loader, j.config.data.decode) for j in jobs)
+    assert got == [("dali", "cpu"), ("torch", "cpu"), ("torch", "gpu")]
+    assert any(j.run_id.endswith("-decodegpu") for j in jobs)
+    with pytest.raises(ConfigError, match="applies to loader 'torch' only, not 'dali'"):
+        expand(_spec(["dali"], ["gpu"]))
+
+
+def test_sweep_decodes_flag_is_the_data_decode_axis():
+    sweep = _launcher("sweep")
+    assert sweep.axes([], ["cpu", "gpu"]) == {"data.decode": ["cpu", "gpu"]}
+    with pytest.raises(ConfigError, match="name the same axis"):
+        sweep.axes(["data.decode=gpu"], ["cpu"])
+    with pytest.raises(SystemExit):
+        sweep.parser().parse_args(["--decodes", "nvjpeg"])
+
+
+def _launcher(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_launcher", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_py_says_an_unreadable_image_in_one_line_also_from_a_worker(jpeg_dataset):
+    bad = jpeg_dataset.samples[0].image
+    bad.write_bytes(b"not a jpeg at all")
+    ds = SegDataset(jpeg_dataset, jpeg_dataset.samples, scheme("six"), (32, 32), raw=True)
+    with pytest.raises(ImageReadError) as e:  # raised in the worker: a traceback inside
+        list(make_train_loader(ds, 8, 0, 1, seed=0, num_workers=1))
+    line = _launcher("train")._image_error(e.value)
+    assert line.startswith(f"{bad}: cannot decode") and "\n" not in line

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from segcore.config import ConfigError, RunConfig, resolve, widths_for_depth
-from segcore.registry import engine_spec, parse_engine_axis
+from segcore.registry import engine_spec, loader_spec, parse_engine_axis
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,19 @@ def axis_values(spec: SweepSpec) -> list[tuple[tuple[str, Any], ...]]:
     return list(itertools.product(*typed))
 
 
+def decode_left_out(spec: SweepSpec, loader: str,
+                    axes: tuple[tuple[str, Any], ...]) -> bool:
+    """A loader paired with a ``data.decode`` it does not take (``--loaders torch,dali
+    --decodes cpu,gpu``: DALI has its own decode) is left out of the grid, as a
+    single-process engine is at more than one worker; when the loader takes none of the
+    decodes asked for, the job's configuration says why instead."""
+    decode = dict(axes).get("data.decode")
+    if decode is None:
+        return False
+    takes = loader_spec(loader).decodes
+    return decode not in takes and any(v in takes for v in spec.axes["data.decode"])
+
+
 def _axis_id(path: str, value: Any) -> str:
     v = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return f"{path.rpartition('.')[2].replace('_', '')}{_slug(format(v, 'g') if isinstance(v, float) else str(v))}"
@@ -234,6 +247,8 @@ def expand(spec: SweepSpec, sweep_id: str = "", out_dir: Path | None = None) -> 
     for row, engine, loader, prec, cl, axes in itertools.product(
             base, spec.engines, spec.loaders, spec.precisions, spec.channels_last, combos):
         name, stage = parse_engine(engine)
+        if decode_left_out(spec, loader, axes):
+            continue
         for workers in sorted(spec.workers):
             world = workers * spec.nnodes
             if engine_spec(name).single_process and world > 1:
