@@ -182,6 +182,8 @@ def _plan(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, l
         try:
             infos.append(inspect_raster(p))
         except GisError as e:
+            if len(files) == 1:
+                raise
             skipped.append({"image": p.name, "error": str(e)})
             say(f"skipped {p}: {e}")
     for info in infos if zoned else ():
@@ -220,7 +222,8 @@ def _write_table(out: Path, stem: str, rows: list[dict[str, Any]], meta: dict) -
 
 
 def _predict_rasters(prep: _Prepared, infos: list, zones: dict, args: argparse.Namespace,
-                     out: Path, hooks: Any) -> tuple[list, list, list]:
+                     out: Path, hooks: Any, photos: int) -> tuple[list, list, list]:
+    """Predict every raster (and its zones); a failing raster is skipped unless alone."""
     import time
 
     from segcore.gis.raster import predict_raster
@@ -242,7 +245,7 @@ def _predict_rasters(prep: _Prepared, infos: list, zones: dict, args: argparse.N
             res = predict_raster(prep.model, info, out, sch.names, sch.colors, prep.table,
                                  confidence=args.confidence, progress=hooks.tiles_done)
         except GisError as e:
-            if "disk space" in str(e):
+            if "disk space" in str(e) or (len(infos) == 1 and not photos):
                 raise
             skipped.append({"image": info.path.name, "error": str(e)})
             hooks.say(f"skipped {info.path}: {e}")
@@ -342,7 +345,8 @@ def _run(args: argparse.Namespace, settings: Any, hooks: Any) -> int:
                              table=prep.table, settings=prep.settings,
                              device=prep.model.device, meta=prep.meta, hooks=hooks)
         photos_done, skipped = res.images_done, skipped + res.skipped
-    rows, zrows, failed = _predict_rasters(prep, infos, zones, args, out, hooks)
+    rows, zrows, failed = _predict_rasters(prep, infos, zones, args, out, hooks,
+                                           len(photos))
     skipped += failed
     if not rows and not photos_done:
         reason = f": {skipped[0]['error']}" if len(skipped) == 1 else " (see above)"

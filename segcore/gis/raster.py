@@ -405,14 +405,18 @@ def predict_raster(model: TiledModel, info: RasterInfo, out: Path, names: Sequen
                                               if confidence else [])
     tmps = [out / f".{stem}_classes.tmp{os.getpid()}.tif",
             out / f".{stem}_confidence.tmp{os.getpid()}.tif"][:len(finals)]
-    stats, nodata, done, largest = [], 0, 0, 0
+    stats, nodata, done, largest = None, 0, 0, 0
     try:
         with atomic_paths(*finals) as parts, open_raster(info.path) as src, \
                 contextlib.ExitStack() as stack:
             import rasterio
 
-            dsts = [stack.enter_context(rasterio.open(t, "w", **_profile(info, nd)))
-                    for t, nd in zip(tmps, (NODATA, CONFIDENCE_NODATA))]
+            from rasterio.errors import NotGeoreferencedWarning
+
+            with warnings.catch_warnings():  # a photo without CRS is written as such
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                dsts = [stack.enter_context(rasterio.open(t, "w", **_profile(info, nd)))
+                        for t, nd in zip(tmps, (NODATA, CONFIDENCE_NODATA))]
             for b in blocks:
                 window = Window(b.x0, b.y0, b.x1 - b.x0, b.y1 - b.y0)
                 rgb, valid = read_window(src, info, window)
@@ -424,7 +428,9 @@ def predict_raster(model: TiledModel, info: RasterInfo, out: Path, names: Sequen
                 kept = valid[b.ky0 - b.y0:b.ky1 - b.y0, b.kx0 - b.x0:b.kx1 - b.x0]
                 classes[~kept] = NODATA
                 nodata += int(kept.size - np.count_nonzero(kept))
-                stats.append(surface_stats(classes[kept], names, table, ignore_index=None))
+                part = surface_stats(classes[kept], names, table, ignore_index=None)
+                # Folded at once (pixel counts summed): memory does not grow with blocks.
+                stats = part if stats is None else aggregate([stats, part])
                 kwin = Window(b.kx0, b.ky0, b.kx1 - b.kx0, b.ky1 - b.ky0)
                 dsts[0].write(classes, 1, window=kwin)
                 if conf is not None:
@@ -441,7 +447,7 @@ def predict_raster(model: TiledModel, info: RasterInfo, out: Path, names: Sequen
     finally:
         for t in tmps:
             t.unlink(missing_ok=True)
-    return RasterResult(finals[0], finals[1] if confidence else None, aggregate(stats),
+    return RasterResult(finals[0], finals[1] if confidence else None, stats,
                         nodata, len(blocks), largest, [*finals, aux])
 
 

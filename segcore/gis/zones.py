@@ -130,16 +130,25 @@ def _reproject(geoms: list[Any], src_crs: Any, dst_crs: Any, path: Path) -> list
                                                      shapely.geometry.mapping(g)))
                for g in geoms]
     except Exception as e:  # CRSError, GDAL's transformer errors: all one line
-        raise GisError(f"zones file {path}: its CRS ({src_crs.to_string() or 'custom'}) "
-                       f"cannot be transformed to the raster's ({dst_crs.to_string()}): "
-                       f"{str(e).strip()[:200]}; reproject the zones first") from None
+        raise GisError(f"zones file {path}: its CRS ({crs_name(src_crs)}) cannot be "
+                       f"transformed to the raster's ({crs_name(dst_crs)}): "
+                       f"{str(e).strip()[:60]}...; reproject the zones first") from None
     bad = [i for i, g in enumerate(out)
            if g.is_empty or not np.isfinite(shapely.get_coordinates(g)).all()]
     if bad:
         raise GisError(f"zones file {path}: {len(bad)} zone(s) (e.g. row {bad[0]}) cannot "
-                       f"be transformed to the raster's CRS ({dst_crs.to_string()}); "
+                       f"be transformed to the raster's CRS ({crs_name(dst_crs)}); "
                        "reproject the zones first")
     return out
+
+
+def crs_name(crs: Any) -> str:
+    """``EPSG:n`` where there is one, else the CRS's own name from its WKT."""
+    epsg = crs.to_epsg()
+    if epsg:
+        return f"EPSG:{epsg}"
+    wkt = crs.to_wkt()
+    return wkt.split('"')[1] if '"' in wkt else wkt[:60]
 
 
 def grid_zones(bounds: Sequence[float], cell: float, crs: Any) -> Zones:
@@ -187,7 +196,7 @@ def check_overlap(zones: Zones, bounds: Sequence[float]) -> int:
         zb = shapely.total_bounds(np.array(zones.geoms, dtype=object))
         raise GisError(f"none of the {len(zones.geoms)} zone(s) of {zones.source} overlaps "
                        f"the raster (zones span {_fmt_bounds(zb)}, the raster "
-                       f"{_fmt_bounds(bounds)} in {zones.crs.to_string()}); check the files "
+                       f"{_fmt_bounds(bounds)} in {crs_name(zones.crs)}); check the files "
                        "and their CRS")
     return n
 
