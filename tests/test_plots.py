@@ -283,13 +283,13 @@ def test_markdown_table():
 def test_folder_labels(tmp_path):
     a = make_env_folder(tmp_path / "a", commit="aaaaaaa111")
     b = make_env_folder(tmp_path / "b", commit="bbbbbbb222")
-    assert labels.folder_labels([a, b]) == ["cpu-2c-intel-xeon-8481c @ aaaaaaa",
-                                           "cpu-2c-intel-xeon-8481c @ bbbbbbb"]
+    assert labels.folder_labels([a, b]) == ["cpu-2c-intel-xeon-8481c-f6m143 @ aaaaaaa",
+                                           "cpu-2c-intel-xeon-8481c-f6m143 @ bbbbbbb"]
     c = make_env_folder(tmp_path / "c", commit="aaaaaaa111")
     names = labels.folder_labels([a, c])
     assert len(set(names)) == 2 and "(a)" in names[0] and "(c)" in names[1]
     d = make_env_folder(tmp_path / "d", cpu=False)
-    assert labels.folder_labels([a, d]) == ["cpu-2c-intel-xeon-8481c", "1xH100-80GB"]
+    assert labels.folder_labels([a, d]) == ["cpu-2c-intel-xeon-8481c-f6m143", "1xH100-80GB"]
 
 
 def make_env_folder(folder: Path, cpu: bool = True, commit: str = "0123456789") -> Path:

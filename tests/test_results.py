@@ -35,7 +35,10 @@ EXTRAS = ["repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p
           "time_to_target_speedup", "low_confidence", "flags", "throughput_ci95_lo",
           "throughput_ci95_hi", "throughput_ci95_pct", "oversubscribed", "hw_parallel_limit",
           "precision_emulated", "mem_workload_mb", "mem_baseline_mb", "lr_scaling",
-          "base_lr", "samples_seen", "F1", "mConfDiag", "mAP", "mAUC"]
+          "base_lr", "samples_seen", "F1", "mConfDiag", "mAP", "mAUC", "session",
+          "data_source", "val_images", "mem_warmup_mb", "mem_train_mb", "mem_val_mb",
+          "mem_workload_phase", "loader_img_s", "wall_throughput_img_s",
+          "measured_time_share", "energy_j_per_img"]
 
 
 def row(run_id: str, **extra) -> dict:
@@ -49,6 +52,24 @@ def row(run_id: str, **extra) -> dict:
 def test_result_columns_schema():
     assert RESULT_COLUMNS == DESIGN_COLUMNS + EXTRAS
     assert len(set(RESULT_COLUMNS)) == len(RESULT_COLUMNS)
+
+
+def test_every_list_of_columns_derives_from_the_one_schema():
+    """The writers, the analysis and the labels read one declaration per column."""
+    from segcore.results import analysis, labels, schema
+
+    numeric = {c.name for c in schema.COLUMNS if c.numeric}
+    assert set(analysis.NUMERIC_COLUMNS) == numeric
+    assert set(analysis.FAMILY_COLUMNS) == {c.name for c in schema.COLUMNS
+                                            if c.family == "always"}
+    # every measurement a repeat can change is reduced, accuracy included
+    for name in ("throughput_img_s", "mIoU", "F1", "mConfDiag", "mem_workload_mb",
+                 "loader_img_s", "energy_j_per_img"):
+        assert schema.BY_NAME[name].reduce == "median", name
+    assert schema.unit_of("mem_workload_mb") == "MiB" and schema.unit_of("peak_mem_mb") == "MiB"
+    assert labels.piece("depth", 4, {}) == "depth 4"  # the legend format of the schema
+    with pytest.raises(ValueError):
+        schema.Column("x", "nowhere", "text")
 
 
 def test_append_twice_and_column_order(tmp_path):

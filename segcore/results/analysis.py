@@ -64,6 +64,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from segcore.results import schema
 from segcore.scaling.model import RUN_TO_RUN_PCT as _RUN_TO_RUN_PCT
 
 __all__ = [
@@ -105,35 +106,15 @@ FLAGS = {
 
 # A family is everything that defines a configuration except its scale: world_size and
 # nnodes are the scaling axis (a 2-node 8-worker run is compared with the 1-worker run of
-# the same configuration), global_batch_size follows from them.
-FAMILY_COLUMNS = (
-    "engine", "zero_stage", "loader", "precision", "channels_last", "compile", "batch_size",
-    "arch", "depth", "widths", "image_size", "class_scheme", "num_classes", "device_type",
-    "device_name", "mode", "strong_scaling",
-)
-# Axes a sweep may vary that not every row records (the paper preset varies lr and
-# augmentation); used when the table has them, otherwise two such configurations would
-# be merged into one family.
-OPTIONAL_FAMILY_COLUMNS = ("lr_scaling", "lr", "augment", "optimizer", "loss",
-                           "class_weights", "grad_accum", "norm")
-
-NUMERIC_COLUMNS = (
-    "world_size", "nnodes", "zero_stage", "batch_size", "global_batch_size", "depth",
-    "image_size", "num_classes", "params", "warmup_steps", "measured_steps",
-    "throughput_img_s", "step_ms_p50", "step_ms_p90", "step_ms_p99", "data_wait_pct",
-    "tflops", "mfu", "peak_mem_mb", "device_mem_mb", "host_rss_mb", "gpu_util_pct",
-    "power_w", "epochs", "steps", "train_time_s", "time_to_target_s", "target_miou",
-    "val_loss", "aAcc", "mIoU", "mDice", "mAcc", "mAP", "mAUC", "repeat",
-    "launch_overhead_s", "lr", "base_lr", "samples_seen", "train_loss_first",
-    "train_loss_last", "mem_workload_mb", "mem_baseline_mb", "throughput_ci95_lo",
-    "throughput_ci95_hi", "throughput_ci95_pct", "hw_parallel_limit",
-    "wall_throughput_img_s", "measured_time_share", "energy_j_per_img",
-)
-_BOOL_COLUMNS = ("channels_last", "compile", "strong_scaling", "augment", "oversubscribed",
-                 "precision_emulated")
-_TEXT_COLUMNS = ("sweep_id", "run_id", "status", "error", "engine", "loader", "precision",
-                 "arch", "widths", "class_scheme", "device_type", "device_name", "mode",
-                 "peak_mem_source", "lr_scaling")
+# the same configuration), global_batch_size follows from them. Optional family columns
+# are axes a sweep may vary that not every row records (the paper preset varies lr and
+# augmentation): used when the table has them, otherwise two such configurations would
+# be merged into one family. Both, and the column types, come from the results schema.
+FAMILY_COLUMNS = schema.names(family="always")
+OPTIONAL_FAMILY_COLUMNS = schema.names(family="optional")
+NUMERIC_COLUMNS = schema.names(dtype=("int", "float"))
+_BOOL_COLUMNS = schema.names(dtype="bool")
+_TEXT_COLUMNS = schema.names(dtype="text")
 
 # Written back into runs.jsonl by annotate(); the rest of DERIVED_COLUMNS is for readers.
 ANNOTATION_COLUMNS = ("speedup", "scaling_efficiency", "hw_ceiling_speedup",
@@ -145,13 +126,7 @@ DERIVED_COLUMNS = (
     "memory_mb", "memory_source", "pareto",
 )
 # Repeats of one configuration are reduced to the median of these (configurations()).
-_MEDIAN_COLUMNS = (
-    "throughput_img_s", "throughput_ci95_lo", "throughput_ci95_hi", "throughput_ci95_pct",
-    "step_ms_p50", "step_ms_p99", "data_wait_pct", "speedup", "scaling_efficiency",
-    "speedup_ci95_lo", "speedup_ci95_hi", "peak_mem_mb", "memory_mb", "mIoU", "mDice",
-    "val_loss", "train_time_s", "time_to_target_s", "time_to_target_speedup", "target_miou",
-    "samples_seen", "steps", "launch_overhead_s",
-)
+_MEDIAN_COLUMNS = schema.names(reduce="median")
 
 
 # --------------------------------------------------------------------------- values
@@ -260,11 +235,18 @@ def family_keys(df: pd.DataFrame, columns: Sequence[str]) -> list[tuple]:
 def _clean(df: pd.DataFrame | None) -> pd.DataFrame:
     d = pd.DataFrame() if df is None else df.copy()
     d = d.reset_index(drop=True)
+    derived = set(DERIVED_COLUMNS)  # recomputed by frame(), whatever the table holds
+    typed: dict[str, pd.Series] = {}
     for c in NUMERIC_COLUMNS:
-        d[c] = numeric_column(d, c)
+        if c not in derived:
+            typed[c] = numeric_column(d, c)
     for c in (*_BOOL_COLUMNS, *_TEXT_COLUMNS):
-        d[c] = pd.Series([norm(v) for v in d[c]] if c in d else [None] * len(d),
-                         index=d.index, dtype=object)
+        if c not in derived:
+            typed[c] = pd.Series([norm(v) for v in d[c]] if c in d else [None] * len(d),
+                                 index=d.index, dtype=object)
+    # One concat, not a column at a time (pandas warns of a fragmented frame otherwise).
+    d = pd.concat([d.drop(columns=[c for c in typed if c in d]),
+                   pd.DataFrame(typed, index=d.index)], axis=1)
     if len(d):
         # Failed rows of old sweeps recorded widths but not depth.
         from_widths = d["widths"].map(lambda w: float(len(str(w).split("-")))

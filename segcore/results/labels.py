@@ -17,6 +17,7 @@ import pandas as pd
 from segcore.errors import ConfigError
 from segcore.host import hardware_tag
 from segcore.registry import engine_spec
+from segcore.results import schema
 from segcore.results.analysis import analysed, family_columns, family_keys, norm
 from segcore.results.caveats import is_cpu, read_env
 
@@ -67,12 +68,7 @@ def piece(col: str, v: Any, key: dict[str, Any]) -> str:
         return "strong scaling" if v else "weak scaling"
     if col == "augment":
         return "augmented" if v else "no augmentation"
-    fmt = {"depth": "depth {}", "widths": "widths {}", "image_size": "{}px crops",
-           "class_scheme": "{} classes", "num_classes": "{} classes", "mode": "{} mode",
-           "loader": "{} loader", "arch": "{} U-Net", "lr": "lr {}",
-           "lr_scaling": "{} lr scaling", "params": "{} params",
-           "precision": "{}", "device_name": "{}", "device_type": "{}"}
-    return fmt.get(col, col + " {}").format(v)
+    return (schema.label_format(col) or col + " {}").format(v)
 
 
 def _shown_columns(keys: Sequence[tuple], cols: Sequence[str]) -> list[str]:

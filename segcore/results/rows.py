@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from segcore.io import dumps, folder_lock, write_bytes_atomic, write_text_atomic
+from segcore.results import schema
 
 __all__ = [
     "IDENTITY_COLUMNS", "CONFIG_COLUMNS", "SPEED_COLUMNS", "MEMORY_COLUMNS",
@@ -28,35 +29,17 @@ __all__ = [
 RUNS_JSONL = "runs.jsonl"
 RUNS_CSV = "runs.csv"
 
-# The runs.csv contract of DESIGN.md section 4; names and order are public.
-IDENTITY_COLUMNS = ("sweep_id", "run_id", "status", "error")
-CONFIG_COLUMNS = (
-    "engine", "zero_stage", "loader", "precision", "channels_last", "compile",
-    "world_size", "nnodes", "device_type", "device_name", "batch_size",
-    "global_batch_size", "arch", "depth", "widths", "image_size", "class_scheme",
-    "num_classes", "params",
-)
-SPEED_COLUMNS = (
-    "warmup_steps", "measured_steps", "throughput_img_s", "step_ms_p50", "step_ms_p90",
-    "step_ms_p99", "data_wait_pct", "speedup", "scaling_efficiency", "tflops", "mfu",
-)
-MEMORY_COLUMNS = ("peak_mem_mb", "device_mem_mb", "host_rss_mb", "gpu_util_pct", "power_w")
-ACCURACY_COLUMNS = (
-    "epochs", "train_time_s", "time_to_target_s", "val_loss", "aAcc", "mIoU", "mDice",
-    "mAcc",
-)
-# Beyond the design's list: repeat index and spread, finer timing, provenance, and the
-# judgements of segcore.results.analysis.annotate (low_confidence + flags replace the
-# former "noisy").
-EXTRA_COLUMNS = (
-    "repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p50",
-    "launch_overhead_s", "peak_mem_source", "throughput_spread_pct",
-    "started_at", "finished_at", "wall_s", "hw_ceiling_speedup", "time_to_target_speedup",
-    "low_confidence", "flags", "throughput_ci95_lo", "throughput_ci95_hi",
-    "throughput_ci95_pct", "oversubscribed", "hw_parallel_limit", "precision_emulated",
-    "mem_workload_mb", "mem_baseline_mb", "lr_scaling", "base_lr", "samples_seen",
-    "F1", "mConfDiag", "mAP", "mAUC",
-)
+# The runs.csv contract of DESIGN.md section 4; names and order are public. Declared with
+# their types, units and repeat reduction in segcore.results.schema.
+IDENTITY_COLUMNS = schema.names(group="identity")
+CONFIG_COLUMNS = schema.names(group="config")
+SPEED_COLUMNS = schema.names(group="speed")
+MEMORY_COLUMNS = schema.names(group="memory")
+ACCURACY_COLUMNS = schema.names(group="accuracy")
+# Beyond the design's list: repeat index and spread, finer timing, provenance, per-phase
+# memory, the loader alone, wall-clock figures, and the judgements of
+# segcore.results.analysis.annotate.
+EXTRA_COLUMNS = schema.names(group="extra")
 RESULT_COLUMNS: list[str] = [
     *IDENTITY_COLUMNS, *CONFIG_COLUMNS, *SPEED_COLUMNS, *MEMORY_COLUMNS,
     *ACCURACY_COLUMNS, *EXTRA_COLUMNS,
