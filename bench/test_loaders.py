@@ -10,9 +10,18 @@ start, the torch loader's in-memory cache fill). Variants:
   decoded arrays kept in memory after the first epoch: no decode in the timed rounds).
 - ``torch-w0`` / ``torch-w2``: the torch loader decoding every time, in the training
   process or in 2 worker processes (a dataset larger than host memory).
+- ``torch-gpu-decode``: ``--decode gpu``: 2 workers read the JPEG bytes and the masks,
+  nvJPEG decodes each batch on the device (CUDA with torchvision only; skipped here).
 
 The torch variants are the training's loader: uint8 batches (``SegDataset(raw=True)``)
 normalized on the bench device (``DeviceBatches``), persistent prefetching workers.
+
+Every loader records its img/s per worker process (the training process counts as one
+without workers) and ``loader_step_ratio``: its img/s over the img/s of the default
+model's training step (modern, widths 16-128, fp32, channels-last) on the same crops
+and batch, timed in the same session (median of 5 steps after 2 warm-up steps). Above 1
+the loader alone outpaces the step; the training's own data wait is the sweep's
+``data_wait_pct``, and its loader-only figure ``loader_img_s``.
 
 Prepare: 6000x4000 JPEG + index PNG pairs (the Semantic Drone Dataset's size) to the
 1024 px cache, 2 worker processes; and the decode step alone with and without the
@@ -28,7 +37,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from segcore.config import ConfigError
 
 from segcore.data.classes import scheme, write_class_csv
 from segcore.data.dataset import DeviceBatches, SegDataset, make_train_loader
@@ -38,6 +50,7 @@ from segcore.data.prepare import load_resized_image, prepare
 from bench.conftest import BENCH_DEVICE, record, slowdown, sync
 
 CROP, BATCH, SCENES, EPOCHS = 256, 4, 24, 2
+STEP_ROUNDS = 5  # timed training steps behind loader_step_ratio
 BIG = (4000, 6000)  # (height, width) of a Semantic Drone Dataset photo
 BIG_PAIRS = 3
 
@@ -98,10 +111,55 @@ def big_source(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def step_img_s() -> float:
+    """The default model's training step on CROP x CROP crops, batch BATCH: img/s from
+    the median of STEP_ROUNDS steps after 2 warm-up steps."""
+    import time
+
+    from segcore.config import ModelConfig, TrainConfig
+    from segcore.model import build_model
+    from segcore.train.engines.base import Engine
+    from segcore.train.losses import segmentation_loss
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(), 6).to(BENCH_DEVICE).to(memory_format=torch.channels_last)
+    engine = Engine(model, TrainConfig(lr=1e-3, schedule="none"), BENCH_DEVICE,
+                    total_steps=100)
+    x = torch.randn(BATCH, 3, CROP, CROP, device=BENCH_DEVICE).contiguous(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, 6, (BATCH, CROP, CROP), device=BENCH_DEVICE)
+    times = []
+    for i in range(2 + STEP_ROUNDS):
+        sync()
+        t0 = time.perf_counter()
+        engine.backward(segmentation_loss(engine.forward(x), y, binary=False))
+        engine.step()
+        sync()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return BATCH / float(np.median(times))
+
+
+def _workers(kind: str) -> int:
+    return 2 if kind in ("torch-w2", "torch-gpu-decode") else 0
+
+
 def _make_loader(kind: str, cache: Path):
     idx = discover(cache)
     train, _ = idx.split(0.15, 0)
     six = scheme("six")
+    if kind == "torch-gpu-decode":
+        from segcore.data.gpu_loader import JpegCrops, make_gpu_decode_train_loader
+        from segcore.data.nvjpeg import check_gpu_decode
+
+        try:
+            check_gpu_decode(BENCH_DEVICE)
+        except ConfigError as e:
+            pytest.skip(str(e))
+        ds = JpegCrops(idx, train, six, (CROP, CROP), train=True, seed=0, raw=True)
+        return make_gpu_decode_train_loader(ds, BATCH, 0, 1, seed=0, device=BENCH_DEVICE,
+                                            num_workers=_workers(kind), pin_memory=True)
     if kind == "dali":
         pytest.importorskip("nvidia.dali")
         from segcore.data.dali import make_dali_train_loader
@@ -109,7 +167,7 @@ def _make_loader(kind: str, cache: Path):
         ctx = SimpleNamespace(rank=0, world_size=1, device=BENCH_DEVICE)
         return make_dali_train_loader(idx, train, six, (CROP, CROP), BATCH, ctx, seed=0,
                                       num_threads=2)
-    workers = 2 if kind == "torch-w2" else 0
+    workers = _workers(kind)
     ds = SegDataset(idx, train, six, (CROP, CROP), train=True, seed=0,
                     cache=kind == "torch-w0-cached", raw=True)
     return DeviceBatches(make_train_loader(ds, BATCH, 0, 1, seed=0, num_workers=workers,
@@ -117,8 +175,9 @@ def _make_loader(kind: str, cache: Path):
                          BENCH_DEVICE)
 
 
-@pytest.mark.parametrize("kind", ["dali", "torch-w0-cached", "torch-w0", "torch-w2"])
-def test_loader_throughput(benchmark, bench_cache, kind):
+@pytest.mark.parametrize("kind", ["dali", "torch-w0-cached", "torch-w0", "torch-w2",
+                                  "torch-gpu-decode"])
+def test_loader_throughput(benchmark, bench_cache, step_img_s, kind):
     benchmark.group = f"loader {CROP}px crops b{BATCH} from a 1024 px cache"
     loader = _make_loader(kind, bench_cache)
     epoch = [0]
@@ -138,8 +197,15 @@ def test_loader_throughput(benchmark, bench_cache, kind):
 
     n = benchmark.pedantic(two_epochs, rounds=5, warmup_rounds=1, iterations=1)
     assert n == EPOCHS * len(loader) * BATCH
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    per_worker = ratio = None
+    if stats is not None and stats.median:  # None under --benchmark-disable
+        rate = n / stats.median
+        workers = max(1, getattr(loader, "num_workers", 0) or 0)
+        per_worker, ratio = rate / workers, rate / step_img_s
     record(benchmark, n, loader=kind, crop=CROP, batch=BATCH, images_per_round=n,
-           cache_px=1024)
+           rounds=5, cache_px=1024, workers=_workers(kind), img_s_per_worker=per_worker,
+           step_img_s=step_img_s, step_rounds=STEP_ROUNDS, loader_step_ratio=ratio)
     # Stop worker processes and pipeline threads now: left to the garbage collector, a
     # DataLoader's worker shutdown (seconds) lands inside a later benchmark's timing.
     if hasattr(loader, "close"):

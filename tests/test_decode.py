@@ -217,3 +217,14 @@ def test_train_py_says_an_unreadable_image_in_one_line_also_from_a_worker(jpeg_d
         list(make_train_loader(ds, 8, 0, 1, seed=0, num_workers=1))
     line = _launcher("train")._image_error(e.value)
     assert line.startswith(f"{bad}: cannot decode") and "\n" not in line
+
+
+def test_in_process_collate_equals_default_collate(jpeg_dataset):
+    from torch.utils.data import default_collate
+
+    from segcore.data.dataset import collate
+
+    ds = SegDataset(jpeg_dataset, jpeg_dataset.samples, scheme("six"), (32, 32), raw=True)
+    items = [ds[(0, i)] for i in range(4)]
+    for got, want in zip(collate(items), default_collate(items)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
