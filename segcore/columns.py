@@ -41,6 +41,7 @@ def config_columns(cfg: RunConfig, *, nnodes: int, device_type: str,
         "class_scheme": sch.name, "num_classes": sch.num_classes, "params": params,
         "mode": cfg.mode, "strong_scaling": t.strong_scaling, "lr": t.effective_lr,
         "base_lr": t.lr, "lr_scaling": t.lr_scaling, "optimizer": t.optimizer,
+        "schedule": t.schedule, "patience": t.patience,
         "augment": d.augment, "grad_accum": t.grad_accum, "sync_bn": t.sync_bn,
         "epochs_budget": t.epochs,
     }

@@ -473,6 +473,10 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
                        dev_type, dev_name, t0)
         row["wall_s"] = dt
         row.update(spec.row_extra)
+        if spec.preset_rows is not None:  # a named session of the reference study
+            from segcore.results.study import session_of
+
+            row.setdefault("session", session_of(job.run_id))
         if rc == EXIT_OUTPUT or "no space left" in str(row.get("error", "")).lower():
             row["rerun_on_resume"] = True  # the environment's fault: resume runs it again
         _record(out_dir, row, job.run_id in again, unwritten, log)
