@@ -323,8 +323,11 @@ def write_zones(out: Path, rows: Sequence[dict[str, Any]], crs: Any) -> list[Pat
     with atomic_paths(*finals) as parts:
         data = [_field_array(frame[c]) for c in cols]
         for part, driver in zip(parts[:2], ("GPKG", "GeoJSON")):
+            # GeoPackage 1.2: read without warnings by the GDAL of older QGIS / Debian.
+            opts = {"VERSION": "1.2"} if driver == "GPKG" else {}
             pyogrio.raw.write(part, wkb, data, cols, driver=driver, crs=crs.to_wkt(),
-                              geometry_type="MultiPolygon", layer="zones")
+                              geometry_type="MultiPolygon", layer="zones",
+                              dataset_options=opts)
         frame.to_csv(parts[2], index=False)
     return finals
 
