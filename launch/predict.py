@@ -5,10 +5,11 @@
         --properties my_drainage_manual.toml --precision bf16
 
 Writes to --out, per image: <stem>_classes.png (class indices), <stem>_color.png,
-<stem>_overlay.jpg; for the folder: surface_stats.csv / .json (one row per image and an
-area-weighted ALL row: impervious fraction, runoff coefficient C low/typical/high,
-unknown share, class fractions; with --truth also truth values and errors) and
-summary.png. Exit status: 0 done (some images may have been skipped: see the summary),
+<stem>_overlay.jpg (--figures chooses); for the folder: surface_stats.csv / .json (one
+row per image and an area-weighted ALL row: impervious fraction, runoff coefficient C
+low/typical/high, unknown share, class fractions; with --truth also truth values and
+errors), summary.png and timing.json (busy seconds per stage, wall time, Mpx/s).
+Decoding, inference and writing overlap (docs/PREDICTION.md). Exit status: 0 done (some images may have been skipped: see the summary),
 1 every image failed, 2 bad arguments or inputs, 3 out of memory.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -52,6 +54,18 @@ def parser() -> argparse.ArgumentParser:
                    help="downscale overlays to this long side (0: full size)")
     p.add_argument("--max-image-pixels", type=int, default=400_000_000,
                    help="skip larger images (decompression-bomb guard)")
+    p.add_argument("--decode", choices=("cpu", "gpu"), default="cpu",
+                   help="JPEG decode: cpu (PIL, default) or gpu (nvJPEG through "
+                        "torchvision, on the CUDA device)")
+    p.add_argument("--figures", choices=("all", "color", "overlay", "none"), default="all",
+                   help="files besides the class map: colour map and overlay (all), one "
+                        "of them, or none (fastest)")
+    p.add_argument("--prefetch", type=int, default=1,
+                   help="photos decoded ahead of the model besides the one being decoded "
+                        "(1; 0: no reader thread)")
+    p.add_argument("--writers", type=int, default=None,
+                   help="threads writing outputs, and photos written at a time (default "
+                        "half the cores, 1-8; 0: write in the model's thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -102,6 +116,25 @@ class _Bars:
                 bar.close()
 
 
+def _writers(n: int | None) -> int:
+    """--writers, default half the usable cores, 1 to 8 (the model's thread, the
+    reader and the launch of kernels keep the rest)."""
+    from segcore.host import usable_cores
+
+    return max(1, min(8, usable_cores() // 2)) if n is None else n
+
+
+def _write_timing(res, settings, total_s: float) -> None:
+    """timing.json in --out: the run's stage times and Mpx/s, and what they were made with."""
+    from segcore.io import write_json_atomic
+
+    s = settings.to_dict()
+    write_json_atomic(res.out / "timing.json", res.timing.to_dict(
+        total_s=round(total_s, 4),
+        **{k: s[k] for k in ("decode", "prefetch", "writers", "figures", "precision",
+                             "tile", "batch_size")}))
+
+
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None or v != v else format(v, spec)
 
@@ -117,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = PredictSettings(
             tile=a.tile, overlap=a.overlap, batch_size=a.batch_size, device=a.device,
             precision=a.precision, threshold=a.threshold, max_block_mb=a.max_block_mb,
-            overlay_max_side=a.overlay_max_side, max_image_pixels=a.max_image_pixels)
+            overlay_max_side=a.overlay_max_side, max_image_pixels=a.max_image_pixels,
+            decode=a.decode, figures=a.figures, prefetch=a.prefetch,
+            writers=_writers(a.writers))
         if a.device != "cpu":
             import torch
 
@@ -126,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.backends.cudnn.benchmark = True
         hooks = Hooks(log=bars.log, image_started=bars.image_started,
                       tiles_done=bars.tiles_done, image_finished=bars.image_finished)
+        t0 = time.perf_counter()
         res = predict_checkpoint(a.checkpoint, a.images, a.out, settings=settings,
                                  truth=a.truth, truth_kind=a.truth_kind,
                                  properties=a.properties, hooks=hooks)
+        _write_timing(res, settings, time.perf_counter() - t0)
     except (PredictError, ConfigError, OSError) as e:  # OSError: e.g. --out not writable
         bars.close()
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -161,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
              f"C error {_fmt(r['C_typical_err'], '+.3f')}, pixel accuracy "
              f"{_fmt(r['pixel_accuracy'], '.3f')}" if "pixel_accuracy" in r else ""),
           flush=True)
+    print(res.timing.line(), flush=True)
     return 0
 
 

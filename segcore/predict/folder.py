@@ -328,7 +328,7 @@ def predict_folder(model_fn: Callable[[torch.Tensor], torch.Tensor], sch: ClassS
                  "(known) pixels; unknown_fraction is the share of all pixels whose "
                  "class has no surface (unlabeled, fence, person, ...) or is ignored. "
                  "ALL is area-weighted (pixel sums). *_err = prediction - truth."})
-    times = StageTimes()
+    times = StageTimes(str(device))
     run = _FolderRun(model_fn, sch, out, num_out_channels, table, settings,
                      torch.device(device), truth, truth_kind, tables, hooks, times,
                      len(images))

@@ -23,8 +23,8 @@ forward passes take 0.03 s. Here they overlap:
 Memory (H x W pixels a photo): host ``(prefetch + 1) * 3 * H * W`` bytes decoded ahead
 (device bytes instead with ``--decode gpu``, plus the same on the device with
 ``--decode cpu`` on CUDA), and about ``7 * H * W`` bytes (photo, class map, colour map)
-for each of up to ``writers`` photos being written. For 24 Mpx photos with the defaults
-(prefetch 1, 4 writers) that is about 0.15 GB + 0.7 GB.
+for each of up to ``writers`` photos being written. For 24 Mpx photos with prefetch 1
+and 4 writers that is about 0.15 GB + 0.7 GB.
 
 ``prefetch = 0`` and ``writers = 0`` run every stage in the calling thread: the
 sequential path, whose outputs the pipelined run reproduces byte for byte (tested).
@@ -75,7 +75,8 @@ class StageTimes:
     """Busy seconds per stage (summed over threads, so stages that overlap can add up to
     more than the wall time), images and pixels predicted, and the wall time."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self._lock = threading.Lock()
         self.busy = dict.fromkeys(STAGES, 0.0)
         self.images = 0
@@ -116,11 +117,11 @@ class StageTimes:
         """The content of ``timing.json`` (``context``: settings to record beside it)."""
         return {
             "images": self.images, "images_skipped": self.skipped,
-            "megapixels": round(self.megapixels, 3),
+            "megapixels": round(self.megapixels, 6),
             "wall_s": round(self.wall, 4),
-            "mpx_per_s": None if self.mpx_per_s is None else round(self.mpx_per_s, 3),
+            "mpx_per_s": None if self.mpx_per_s is None else float(f"{self.mpx_per_s:.4g}"),
             "busy_s": {k: round(v, 4) for k, v in self.busy.items()},
-            "gpu_decode_cpu_fallbacks": self.cpu_fallbacks,
+            "gpu_decode_cpu_fallbacks": self.cpu_fallbacks, "device": self.device,
             **context,
             "notes": "busy_s: seconds each stage's threads were busy, summed (stages "
                      "overlap, so they may add up to more than wall_s); decode: reading "
@@ -212,10 +213,9 @@ class PhotoReader:
             with self.times._lock:
                 self.times.cpu_fallbacks += 1
         host = read_image(path, self.max_pixels)  # ImageReadError: skipped
-        pixels = torch.from_numpy(host).permute(2, 0, 1)
-        if self.device.type != "cpu":
-            pixels = pixels.to(self.device)  # uploaded here, off the model's thread
-        return pixels, host
+        # Uploaded here, off the model's thread, as stored (HWC: one contiguous copy);
+        # the CHW view costs nothing on either side.
+        return torch.from_numpy(host).to(self.device).permute(2, 0, 1), host
 
     def _read_on_device(self, path: Path) -> torch.Tensor | None:
         """nvJPEG decode, or ``None`` when PIL should decide (a header PIL cannot read,
