@@ -210,28 +210,34 @@ def test_grid_cells_by_hand(tmp_path, capsys, ckpt):
     assert z.loc["0_0", "pixels"] == 256 - 12 * 16
 
 
-def test_plain_tiff_without_crs_gives_shares(tmp_path, capsys, ckpt):
-    """No CRS: predicted as before, shares of pixels, a class raster without georeference;
-    a PNG photo beside it goes through the ordinary folder run."""
+def test_plain_tiff_stays_a_photo_beside_a_geotiff(tmp_path, capsys, ckpt):
+    """A TIFF without GeoTIFF tags and a PNG go through the ordinary folder run (PNGs,
+    surface_stats.csv, shares of pixels); the GeoTIFF beside them through the GIS run."""
     mask = scene_mask(seed=3)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     write_ortho(imgs / "plain.tif", mask, how="none", crs=None)
+    write_ortho(imgs / "geo.tif", mask, how="none")
     from PIL import Image
 
     with rasterio.open(imgs / "plain.tif") as s:
         Image.fromarray(s.read().transpose(1, 2, 0)).save(imgs / "photo.png")
+    p = gis_cli.launcher_parser()
+    base = ["--checkpoint", "c.pt", "--out", "o", "--images"]
+    assert not gis_cli.wants_gis(p.parse_args([*base, str(imgs / "plain.tif")]))
+    assert gis_cli.wants_gis(p.parse_args([*base, str(imgs)]))
     rc, stdout, err = run(capsys, ckpt, imgs, tmp_path / "out")
     assert rc == 0, err
-    row = pd.read_csv(tmp_path / "out" / "rasters.csv").iloc[0]
-    assert np.isnan(row["surveyed_m2"]) and row["pixels"] == H * W
-    assert row["C_typical"] == pytest.approx(by_hand(mask)["C_typical"], abs=1e-12)
-    with rasterio.open(tmp_path / "out" / "plain_classes.tif") as src:
-        assert src.crs is None
-        np.testing.assert_array_equal(src.read(1), mask)
-    photo = pd.read_csv(tmp_path / "out" / "surface_stats.csv").set_index("image")
-    assert photo.loc["photo.png", "C_typical"] == pytest.approx(row["C_typical"])
-    assert "no CRS" in stdout
+    out = tmp_path / "out"
+    photos = pd.read_csv(out / "surface_stats.csv").set_index("image")
+    hand = by_hand(mask)
+    for name in ("plain.tif", "photo.png"):
+        assert photos.loc[name, "C_typical"] == pytest.approx(hand["C_typical"], abs=1e-12)
+    assert (out / "plain_classes.png").exists() and not (out / "plain_classes.tif").exists()
+    row = pd.read_csv(out / "rasters.csv").set_index("image").loc["geo.tif"]
+    assert row["surveyed_m2"] == pytest.approx(H * W * PX * PX)
+    assert row["C_typical"] == pytest.approx(hand["C_typical"], abs=1e-12)
+    assert "1 raster(s) and 2 photo(s)" in stdout
 
 
 def test_16_bit_source_is_stretched_by_the_stated_rule(tmp_path):
@@ -386,7 +392,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys, ckpt, monke
     truncated.write_bytes(strip.read_bytes()[:strip.stat().st_size // 2])
     two = tmp_path / "two.tif"
     with rasterio.open(two, "w", driver="GTiff", width=8, height=8, count=2,
-                       dtype="uint8") as d:
+                       dtype="uint8", crs=CRS, transform=TRANSFORM) as d:
         d.write(np.zeros((2, 8, 8), np.uint8))
     cases = {
         "no CRS, zones": (nocrs, ["--zones", zones], "no coordinate reference system"),

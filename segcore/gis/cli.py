@@ -57,12 +57,28 @@ def add_gis_arguments(parser: argparse.ArgumentParser) -> None:
                         "class, percent)")
 
 
+# TIFF tags that georeference a file: GeoKeyDirectory, ModelTiepoint, ModelTransformation.
+_GEO_TAGS = (34735, 33922, 34264)
+
+
 def _is_geotiff(p: Path) -> bool:
-    return p.suffix.lower() in GEOTIFF_EXTS
+    """A ``.tif``/``.tiff`` that carries GeoTIFF tags (or that PIL cannot open, e.g. a
+    BigTIFF: GDAL decides). A plain TIFF photo stays on the ordinary path."""
+    if p.suffix.lower() not in GEOTIFF_EXTS:
+        return False
+    from PIL import Image
+
+    try:
+        with Image.open(p) as im:  # reads the header only
+            tags = getattr(im, "tag_v2", {})
+            return any(t in tags for t in _GEO_TAGS)
+    except Exception:  # PIL refuses it: let GDAL read it (or say why it cannot)
+        return True
 
 
 def wants_gis(args: argparse.Namespace) -> bool:
-    """Whether the run is a GIS run: ``--zones``/``--grid``, or a GeoTIFF under ``--images``."""
+    """Whether the run is a GIS run: ``--zones``/``--grid``, or a GeoTIFF (a TIFF with
+    GeoTIFF tags) under ``--images``. Needs neither rasterio nor a model."""
     if getattr(args, "zones", None) or getattr(args, "grid", None) is not None:
         return True
     images = Path(args.images)
@@ -165,16 +181,16 @@ def _plan(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[list, l
     from segcore.gis.raster import inspect_raster
 
     _check_args(args)
-    if getattr(args, "truth", None):
-        raise GisError("--truth is for folders of photos; a GeoTIFF run has no truth "
-                       "comparison, drop --truth")
     try:
         files = list_images(args.images)
     except DatasetError as e:
         raise GisError(str(e)) from None
-    rasters = [p for p in files if _is_geotiff(p)]
-    photos = [p for p in files if not _is_geotiff(p)]
     zoned = bool(args.zones) or args.grid is not None
+    # With zones every TIFF is a raster (one without CRS is refused); without, a TIFF
+    # without GeoTIFF tags is a photo, predicted as today.
+    is_raster = ((lambda p: p.suffix.lower() in GEOTIFF_EXTS) if zoned else _is_geotiff)
+    rasters = [p for p in files if is_raster(p)]
+    photos = [p for p in files if not is_raster(p)]
     if zoned and not rasters:
         raise GisError(f"--zones/--grid need GeoTIFF input (.tif/.tiff) under {args.images}")
     infos, skipped, zones = [], [], {}
@@ -269,7 +285,7 @@ def _summary(rows: list, zrows: list, skipped: list, out: Path, args: argparse.N
     print(f"predicted {len(rows)} raster(s)"
           + (f" and {photos_done} photo(s) (surface_stats.csv)" if photos_done else "")
           + (f", {len(skipped)} skipped (listed above)" if skipped else "")
-          + f" -> {out}/rasters.csv", flush=True)
+          + (f" -> {out}/rasters.csv" if rows else f" -> {out}"), flush=True)
     for r in rows:
         area = (f"{r['surveyed_m2']:.1f} m2 surveyed" if r["surveyed_m2"] is not None
                 else "no CRS: shares of pixels only")
@@ -333,17 +349,28 @@ def _run(args: argparse.Namespace, settings: Any, hooks: Any) -> int:
         print(f"error: none of the {len(skipped)} raster(s) could be read{reason}",
               file=sys.stderr, flush=True)
         return 1
+    if getattr(args, "truth", None) and infos:
+        hooks.say(f"--truth: compared for the {len(photos)} photo(s) only; the "
+                  f"{len(infos)} GeoTIFF(s) have no truth comparison")
     prep = _prepare(args, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     photos_done = 0
     if photos:
+        from segcore.data.images import find_truth
+        from segcore.data.layouts import DatasetError
         from segcore.predict.folder import predict_folder
 
+        try:
+            truth = find_truth(args.truth, photos) if getattr(args, "truth", None) else None
+        except DatasetError as e:
+            raise GisError(str(e)) from None
         res = predict_folder(prep.loaded.model, prep.loaded.scheme, photos, out,
                              num_out_channels=prep.loaded.num_out_channels,
                              table=prep.table, settings=prep.settings,
-                             device=prep.model.device, meta=prep.meta, hooks=hooks)
+                             device=prep.model.device, truth=truth,
+                             truth_kind=getattr(args, "truth_kind", "target"),
+                             meta=prep.meta, hooks=hooks)
         photos_done, skipped = res.images_done, skipped + res.skipped
     rows, zrows, failed = _predict_rasters(prep, infos, zones, args, out, hooks,
                                            len(photos))
@@ -357,7 +384,8 @@ def _run(args: argparse.Namespace, settings: Any, hooks: Any) -> int:
             "properties_source": prep.table.source, "nodata_class": 255,
             "notes": "fractions over surveyed pixels (nodata/alpha excluded); impervious, "
                      "pervious, water over classified pixels; areas in m^2"}
-    _write_table(out, "rasters", rows, meta)
+    if rows:
+        _write_table(out, "rasters", rows, meta)
     if zrows:
         from segcore.gis.zones import write_zones
 
