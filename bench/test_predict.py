@@ -2,8 +2,8 @@
 
 End to end: :func:`segcore.predict.folder.predict_folder` over a folder of photo-like
 JPEGs (3 photos: 1024 x 1536 on a CPU, 4000 x 6000 on CUDA), with the launcher's
-defaults (reader thread, writer pool, class map + colour map + overlay, PNG level 1),
-``--decode gpu`` on CUDA when torchvision can decode there. Model only: the default
+defaults (reader thread, writer pool of half the cores, class map + colour map +
+overlay, PNG level 1), ``--decode gpu`` on CUDA when torchvision can decode there. Model only: the default
 modern U-Net's forward over exactly the tiles that run sees, already normalized on the
 device and batched as :func:`segcore.predict.tiles.blend_tiles` batches them; no decode,
 no blend, no argmax, no files. Both are timed alternately (``bench/ratios.py``): the
@@ -25,6 +25,7 @@ from PIL import Image
 
 from segcore.config import ModelConfig
 from segcore.data.classes import scheme
+from segcore.host import usable_cores
 from segcore.model import build_model
 from segcore.predict.blocks import plan_blocks, tile_normalizer
 from segcore.predict.folder import PredictSettings, predict_folder
@@ -98,7 +99,7 @@ def test_predict_end_to_end_vs_model_only(benchmark, tmp_path):
     settings = PredictSettings(tile=TILE, overlap=0.25, batch_size=BATCH,
                                device=BENCH_DEVICE.type, precision=PRECISION,
                                threshold=0.5, channels_last=True, decode=decode,
-                               writers=min(4, torch.get_num_threads() or 1))
+                               writers=max(1, min(8, usable_cores() // 2)))
     tiles = _tiles_of(paths)
     normalize = tile_normalizer(BENCH_DEVICE)
     amp_dtype = {"bf16": torch.bfloat16}.get(PRECISION)
