@@ -376,6 +376,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys, ckpt, monke
     mask = scene_mask()
     good = write_ortho(tmp_path / "good.tif", mask)
     nocrs = write_ortho(tmp_path / "nocrs.tif", mask, crs=None)
+    degrees = write_ortho(tmp_path / "degrees.tif", mask, crs="EPSG:4326",
+                          transform=from_origin(15.0, 45.0, 1e-6, 1e-6))
     zones = write_zones(tmp_path / "z.gpkg")
     far = write_zones(tmp_path / "far.gpkg", zones={"x": (10000, 10010, 0, 10)})
     local = tmp_path / "local.gpkg"
@@ -396,6 +398,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys, ckpt, monke
         d.write(np.zeros((2, 8, 8), np.uint8))
     cases = {
         "no CRS, zones": (nocrs, ["--zones", zones], "no coordinate reference system"),
+        "degrees, grid": (degrees, ["--grid", 5], "geographic CRS"),
         "untransformable": (good, ["--zones", local], "cannot be transformed"),
         "no overlap": (good, ["--zones", far], "overlaps"),
         "junk": (junk, [], "cannot be read"),

@@ -288,7 +288,7 @@ def _summary(rows: list, zrows: list, skipped: list, out: Path, args: argparse.N
           + (f" -> {out}/rasters.csv" if rows else f" -> {out}"), flush=True)
     for r in rows:
         area = (f"{r['surveyed_m2']:.1f} m2 surveyed" if r["surveyed_m2"] is not None
-                else "no CRS: shares of pixels only")
+                else "no projected CRS: shares of pixels only")
         print(f"{r['image']}: {r['pixels']} surveyed px ({area}), {r['nodata_pixels']} "
               f"nodata px; impervious {pct(r['impervious_fraction'])}, water "
               f"{pct(r['water_fraction'])} of classified, C {r['C_typical']:.3f}",
