@@ -439,3 +439,36 @@ def test_an_mfu_above_one_is_a_flag_not_a_value():
     flags = {r["run_id"]: r["flags"] for r in rows}
     assert "impossible-mfu" in flags["a"] and "impossible-mfu" in flags["b"]
     assert "impossible-mfu" not in flags["c"]
+
+
+def test_engines_compare_against_one_common_baseline():
+    """ZeRO-2's own 1-worker run is 6.4 % slower than DDP's: its efficiency against
+    itself (0.95) beats DDP's (0.90), but against the common DDP baseline it is 0.89."""
+    rows = [row("d1", throughput_img_s=40.0), row("d2", world_size=2, throughput_img_s=72.0),
+            row("z1", engine="deepspeed", zero_stage=2, throughput_img_s=37.44),
+            row("z2", engine="deepspeed", zero_stage=2, world_size=2,
+                throughput_img_s=71.2)]
+    d = analysed(*rows)
+    assert d.loc["z2", "scaling_efficiency"] == pytest.approx(71.2 / 37.44 / 2)
+    assert d.loc["z2", "common_efficiency"] == pytest.approx(71.2 / 40.0 / 2)
+    assert d.loc["z2", "common_baseline"] == "ddp/torch"
+    assert d.loc["d2", "common_speedup"] == pytest.approx(1.8)
+    eff = A.best_per_objective(pd.DataFrame(rows))[1]
+    assert eff.column == "common_efficiency" and "common" in eff.objective
+    assert eff.row["run_id"] == "d2" and eff.ties == ("z2",)  # 0.90 vs 0.89: a tie
+    # one engine only: each family's own baseline, as before
+    one = A.best_per_objective(pd.DataFrame(rows[:2]))[1]
+    assert one.column == "scaling_efficiency"
+
+
+def test_lowest_host_memory_is_named_only_beyond_its_spread():
+    """CPU peak RSS of identical configurations moved 65 %: a 0.6 % lead is a tie, an
+    allocator (GPU) figure keeps the ordinary run-to-run noise."""
+    rows = [row("a", batch_size=4, mem_workload_mb=100.0, peak_mem_source="host_peak_rss"),
+            row("b", batch_size=8, mem_workload_mb=100.6, peak_mem_source="host_peak_rss")]
+    best = A.best_per_objective(pd.DataFrame(rows))[2]
+    assert best.ties == ("b",) and best.noise_pct == pytest.approx(A.HOST_MEMORY_SPREAD_PCT)
+    gpu = [dict(r, mem_workload_mb=None, peak_mem_mb=m, peak_mem_source="allocator",
+                device_type="cuda") for r, m in zip(rows, (100.0, 150.0))]
+    best = A.best_per_objective(pd.DataFrame(gpu))[2]
+    assert best.row["run_id"] == "a" and best.ties == ()

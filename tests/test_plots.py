@@ -563,3 +563,36 @@ def test_committed_results_still_redraw(folder, tmp_path, capsys):
         assert header in text
     out = capsys.readouterr().out
     assert f"{copy}: " in out and "low-confidence" in out
+
+
+def test_figures_never_average_two_configurations_into_one_point():
+    """Two widths at one depth (the paper preset) are two lines of accuracy_vs_depth,
+    not one averaged point; widths that follow depth stay out of the key."""
+    from segcore.results import plots as P
+
+    rows = [ok_row("a", depth=3, widths="16-32-64", mIoU=0.2, mode="both"),
+            ok_row("b", depth=3, widths="16-64-128", mIoU=0.6, mode="both"),
+            ok_row("c", depth=4, widths="16-32-64-128", mIoU=0.4, mode="both")]
+    src = [(None, analysis.frame(pd.DataFrame(rows)))]
+    cols = P._key_cols(analysis.family_columns(src[0][1]), ("depth", "widths", "params"),
+                       with_world=True, sources=src)
+    assert "widths" in cols and "depth" not in cols
+    lines = P._collect(src, "depth", "mIoU", cols)
+    points = sorted((float(x), float(y)) for ln in lines for x, y in zip(ln.x, ln.y))
+    assert points == [(3.0, 0.2), (3.0, 0.6), (4.0, 0.4)]  # no 0.4 at depth 3
+    follows = [r for r in rows if r["run_id"] != "b"]
+    src = [(None, analysis.frame(pd.DataFrame(follows)))]
+    assert "widths" not in P._key_cols(analysis.family_columns(src[0][1]),
+                                       ("depth", "widths", "params"), with_world=True,
+                                       sources=src)
+
+
+def test_accuracy_figures_say_what_the_accuracy_rests_on():
+    from segcore.results import plots as P
+
+    d = analysis.frame(pd.DataFrame([ok_row("a", mIoU=0.3, val_images=12,
+                                            data_source="synthetic")]))
+    assert P.accuracy_basis([(None, d)]) == \
+        "accuracy on 12 validation image(s) from synthetic scenes"
+    old = analysis.frame(pd.DataFrame([ok_row("a", mIoU=0.3)]))
+    assert "not recorded" in P.accuracy_basis([(None, old)])

@@ -37,7 +37,8 @@ EXTRAS = ["repeat", "step_ms_mean", "step_ms_std", "fwd_bwd_ms_p50", "optim_ms_p
           "precision_emulated", "mem_workload_mb", "mem_baseline_mb", "lr_scaling",
           "base_lr", "samples_seen", "F1", "mConfDiag", "mAP", "mAUC", "session",
           "data_source", "val_images", "mem_warmup_mb", "mem_train_mb", "mem_val_mb",
-          "mem_workload_phase", "loader_img_s", "wall_throughput_img_s",
+          "mem_workload_phase", "loader_img_s", "loader_img_s_per_worker", "loader_batches",
+          "loader_s", "loader_step_ratio", "decode", "wall_throughput_img_s",
           "measured_time_share", "energy_j_per_img"]
 
 

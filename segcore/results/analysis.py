@@ -84,10 +84,14 @@ WALL_SHARE_MIN = 0.8  # measured step time / wall time of the window, below it: 
 # assumed (declared with the scaling model, whose intervals use it too), and the report
 # says it was assumed.
 RUN_TO_RUN_PCT = _RUN_TO_RUN_PCT
+# A host process's peak RSS (CPU runs) moves with the allocator's and the libraries'
+# timing: identical configurations in the committed CPU folders measured up to 65 % apart.
+# Without repeats a lead in host memory must exceed this to be named.
+HOST_MEMORY_SPREAD_PCT = 65.0
 # Flags about one derived value, not the row: the MFU is shown as flagged, while the row's
 # throughput, memory and accuracy stand (the ceiling it divides by is what is wrong).
 VALUE_FLAGS = ("impossible-mfu",)
-TIE_COLUMNS = ("throughput_img_s", "scaling_efficiency", "memory_mb", "mIoU",
+TIE_COLUMNS = ("throughput_img_s", "scaling_efficiency", "common_efficiency", "memory_mb", "mIoU",
                "time_to_target_s")
 FLAGS = {
     "few-steps": f"fewer than {MIN_MEASURED_STEPS} measured steps",
@@ -123,8 +127,15 @@ ANNOTATION_COLUMNS = ("speedup", "scaling_efficiency", "hw_ceiling_speedup",
 DERIVED_COLUMNS = (
     "ok", "family", "config", *ANNOTATION_COLUMNS, "speedup_ci95_lo", "speedup_ci95_hi",
     "scaling_efficiency_ci95_lo", "scaling_efficiency_ci95_hi", "baseline_low_confidence",
-    "memory_mb", "memory_source", "pareto",
+    "memory_mb", "memory_source", "pareto", "common_speedup", "common_efficiency",
+    "common_baseline",
 )
+# Engines and loaders are compared against one common baseline: the 1-worker run of the
+# same configuration under the first of these engines and loaders the table has (each
+# engine's own 1-worker run differs, so per-engine efficiencies do not compare).
+COMMON_AXES = ("engine", "zero_stage", "loader", "axis.data.decode")
+REFERENCE_ENGINES = ("single", "ddp")
+REFERENCE_LOADERS = ("torch", "synthetic", "dali")
 # Repeats of one configuration are reduced to the median of these (configurations()).
 _MEDIAN_COLUMNS = schema.names(reduce="median")
 
@@ -290,9 +301,39 @@ def _speedup(d: pd.DataFrame) -> None:
     for c in ("speedup", "scaling_efficiency"):
         d[f"{c}_ci95_lo"] = d[c] * (1 - rel)
         d[f"{c}_ci95_hi"] = d[c] * (1 + rel)
+    _common(d, tp, usable)
     ttt = d["time_to_target_s"]
     ttt_base = _per_family_baseline(d, ttt, d["ok"] & np.isfinite(ttt) & (ttt > 0))
     d["time_to_target_speedup"] = (ttt_base / ttt).where(d["ok"] & (ttt > 0))
+
+
+def _rank(v: Any, order: Sequence[str]) -> int:
+    return order.index(v) if v in order else len(order)
+
+
+def _common(d: pd.DataFrame, tp: pd.Series, usable: pd.Series) -> None:
+    """``common_speedup`` / ``common_efficiency``: throughput over the common baseline
+    of the row's configuration (engine, ZeRO stage and loader set aside): the median of
+    the usable 1-worker rows under the first of :data:`REFERENCE_ENGINES` and
+    :data:`REFERENCE_LOADERS` present; ``common_baseline`` names it."""
+    cols = [c for c in family_columns(d) if c not in COMMON_AXES]
+    key = pd.Series(family_keys(d, cols), index=d.index, dtype=object)
+    one = usable & (d["world_size"] == 1)
+    rank = pd.Series([(_rank(e, REFERENCE_ENGINES), _rank(lo, REFERENCE_LOADERS))
+                      for e, lo in zip(d["engine"], d["loader"])], index=d.index,
+                     dtype=object)
+    base, names = {}, {}
+    for k, idx in one[one].groupby(key[one], sort=False).groups.items():
+        best = min(rank[idx])
+        pick = [i for i in idx if rank[i] == best]
+        base[k] = float(tp[pick].median())
+        first = d.loc[pick[0]]
+        names[k] = f"{first['engine']}/{first['loader']}"
+    b = key.map(base).astype(float)
+    d["common_speedup"] = (tp / b).where(usable)
+    d["common_efficiency"] = (d["common_speedup"] / d["world_size"]).where(
+        d["world_size"] > 0)
+    d["common_baseline"] = key.map(names).where(usable & b.notna(), None).astype(object)
 
 
 def _spread(d: pd.DataFrame) -> None:
@@ -545,13 +586,16 @@ def _noise_pct(a: pd.Series, b: pd.Series, col: str) -> tuple[float, bool]:
     efficiency) plus the larger spread of their repeats, or, without repeats,
     :data:`RUN_TO_RUN_PCT` assumed."""
     ci = 0.0
-    if col in ("throughput_img_s", "scaling_efficiency"):
+    if col in ("throughput_img_s", "scaling_efficiency", "common_efficiency"):
         ci = math.hypot(*(float(x) if x == x else 0.0 for x in
                           (a.get("throughput_ci95_pct"), b.get("throughput_ci95_pct"))))
     spreads = [float(s) for s in (a.get(f"{col}_spread_pct"), b.get(f"{col}_spread_pct"))
                if s is not None and s == s]
     if len(spreads) == 2:
         return ci + max(spreads), True
+    if col == "memory_mb" and "allocator" not in (a.get("memory_source"),
+                                                  b.get("memory_source")):
+        return ci + HOST_MEMORY_SPREAD_PCT, False
     return ci + RUN_TO_RUN_PCT, False
 
 
@@ -567,14 +611,20 @@ def best_per_objective(df: pd.DataFrame) -> list[Best]:
         df: rows or an analysed frame.
     """
     conf = configurations(df)
-    eff = conf[conf["scaling_efficiency"].notna()] if len(conf) else conf
+    # Several engines or loaders: efficiency against one common baseline, so an engine
+    # whose own 1-worker run is slow does not win on it.
+    common = len(conf) and conf[["engine", "zero_stage", "loader"]].astype(str) \
+        .drop_duplicates().shape[0] > 1 and conf["common_efficiency"].notna().any()
+    col = "common_efficiency" if common else "scaling_efficiency"
+    eff = conf[conf[col].notna()] if len(conf) else conf
     top = eff["world_size"].max() if len(eff) else math.nan
     at_top = eff[eff["world_size"] == top] if len(eff) else eff
     return [
         _pick(conf, "Highest throughput", "throughput_img_s", True,
               "no ok run measured throughput"),
         _pick(conf, "Best scaling efficiency at the largest worker count"
-              + (f" ({top:g})" if math.isfinite(top) else ""), "scaling_efficiency", True,
+              + (f" ({top:g})" if math.isfinite(top) else "")
+              + (" against one common 1-worker baseline" if common else ""), col, True,
               "no configuration has both a 1-worker run and a multi-worker run",
               pool=at_top),
         _pick(conf, "Lowest peak memory", "memory_mb", False,

@@ -196,7 +196,7 @@ def caveats(df: pd.DataFrame, env: dict[str, Any], about: str | None = None) -> 
                     "after imports and model build).")
         else:
             text = ("Memory on CPU is the process's peak RSS, most of it imported "
-                    "libraries (hundreds of MB): compare rows, not absolute values.")
+                    "libraries (hundreds of MiB): compare rows, not absolute values.")
         items.append(({"memory"}, text))
     items += [({"accuracy"}, t) for t in _accuracy_caveats(d)]
     return [t for topics, t in items if about is None or about in topics]

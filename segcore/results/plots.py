@@ -116,16 +116,67 @@ def _collect(sources: list[tuple[str | None, pd.DataFrame]], x: str, y: str,
     return lines
 
 
-def _key_cols(cols: Sequence[str], exclude: Sequence[str], with_world: bool) -> list[str]:
-    out = [c for c in cols if c not in exclude]
-    if with_world and "world_size" not in exclude:
+def _key_cols(cols: Sequence[str], exclude: Sequence[str], with_world: bool,
+              sources: list[tuple[str | None, pd.DataFrame]] | None = None) -> list[str]:
+    """The columns that key a figure's lines: ``cols`` less ``exclude`` (the x axis and
+    what follows from it), plus ``world_size``.
+
+    With ``sources``, an excluded column that is *not* determined by the x axis (the
+    first of ``exclude``) is kept in the key: two widths at one depth are two
+    configurations, two lines, never one averaged point that no run produced.
+    """
+    drop = list(exclude)
+    if sources is not None and exclude:
+        x, rest = exclude[0], exclude[1:]
+        keep = _key_cols(cols, exclude, with_world)
+        drop = [x] + [c for c in rest if not _varies_at_fixed_x(sources, x, c, keep)]
+    out = [c for c in cols if c not in drop]
+    if with_world and "world_size" not in drop and "world_size" not in out:
         out.append("world_size")
     return out
+
+
+def _varies_at_fixed_x(sources: list[tuple[str | None, pd.DataFrame]], x: str, col: str,
+                       key: Sequence[str]) -> bool:
+    """Whether ok rows of one line (``key``) and one ``x`` differ in ``col``."""
+    for _, d in sources:
+        if not len(d) or col not in d or x not in d:
+            continue
+        ok = d[d["ok"]]
+        if not len(ok):
+            continue
+        k = pd.Series(family_keys(ok, list(key)), index=ok.index, dtype=object)
+        vals = ok[col].map(lambda v: norm(v))
+        per = vals.groupby([k, ok[x]], sort=False).nunique(dropna=False)
+        if len(per) and int(per.max()) > 1:
+            return True
+    return False
 
 
 def _all_family_cols(sources: list[tuple[str | None, pd.DataFrame]]) -> list[str]:
     cols = [c for _, d in sources for c in analysis.family_columns(d)]
     return list(dict.fromkeys(cols))
+
+
+def accuracy_basis(sources: list[tuple[str | None, pd.DataFrame]]) -> str:
+    """What an accuracy figure rests on: validation images and the data's source, from
+    the rows (``val_images``, ``data_source``); "not recorded" for older folders."""
+    sizes: set[int] = set()
+    srcs: set[str] = set()
+    for _, d in sources:
+        if not len(d):
+            continue
+        ok = d[d["ok"]]
+        for v in ok["val_images"] if "val_images" in ok else []:
+            if v == v and v is not None:
+                sizes.add(int(v))
+        for v in ok["data_source"] if "data_source" in ok else []:
+            if isinstance(v, str) and v:
+                srcs.add("synthetic scenes" if v == "synthetic" else Path(v).name or v)
+    n = ("validation size not recorded" if not sizes else
+         f"{min(sizes)} validation image(s)" if len(sizes) == 1 else
+         f"{min(sizes)}-{max(sizes)} validation images")
+    return f"accuracy on {n} from {', '.join(sorted(srcs)) or 'an unrecorded source'}"
 
 
 def _note_figure(name: str, path: Path, note: str, context: str | None) -> PlotResult:
@@ -348,7 +399,7 @@ def _memory_source_text(sources) -> str:
 
 
 def plot_memory(data: Sources, path: str | Path, context: str | None = None) -> PlotResult:
-    """Peak memory per worker (MB, max over ranks) vs batch size (left) and depth
+    """Peak memory per worker (MiB, max over ranks and phases) vs batch size (left) and depth
     (right): ``memory_mb`` of the analysed frame (the workload's peak above the process
     baseline where recorded, else ``peak_mem_mb``); the title names the measurement.
 
@@ -360,7 +411,8 @@ def plot_memory(data: Sources, path: str | Path, context: str | None = None) -> 
     note = _no_ok_note(sources)
     fam = _all_family_cols(sources)
     by_batch = _key_cols(fam, ("batch_size",), with_world=True)
-    by_depth = _key_cols(fam, ("depth", "widths", "params"), with_world=True)
+    by_depth = _key_cols(fam, ("depth", "widths", "params"), with_world=True,
+                         sources=sources)
     lines_b = _collect(sources, "batch_size", "memory_mb", by_batch)
     lines_d = _collect(sources, "depth", "memory_mb", by_depth)
     if note is None and not lines_b and not lines_d:
@@ -371,7 +423,7 @@ def plot_memory(data: Sources, path: str | Path, context: str | None = None) -> 
     def decorate(ax, ls: list[Line]) -> None:
         ax.set_ylim(bottom=0)
 
-    ylabel = "peak memory per worker (MB)"
+    ylabel = "peak memory per worker (MiB, max over phases)"
     groups = [
         Group(by_batch, "batch size per worker (images)",
                [Metric(lines_b, ylabel, decorate=decorate)], title="vs batch size",
@@ -396,10 +448,11 @@ def plot_accuracy_vs_depth(data: Sources, path: str | Path, context: str | None 
     path = Path(path)
     sources = _sources(data)
     note = _no_ok_note(sources)
-    cols = _key_cols(_all_family_cols(sources), ("depth", "widths", "params"),
+    cols = _key_cols(_all_family_cols(sources), ("depth", "widths", "params"), sources=sources,
                      with_world=True)
     miou = _collect(sources, "depth", "mIoU", cols)
     dice = _collect(sources, "depth", "mDice", cols)
+    context = "; ".join(x for x in (context, accuracy_basis(sources)) if x)
     if note is None and not miou:
         note = "no ok run measured accuracy (mIoU); run the sweep with --mode accuracy|both"
     if note is not None:
@@ -446,6 +499,7 @@ def plot_pareto(data: Sources, path: str | Path, context: str | None = None) -> 
                 pts.append((si, sel))
     if note is None and not pts:
         note = "no ok run recorded both mIoU and train_time_s"
+    context = "; ".join(x for x in (context, accuracy_basis(sources)) if x)
     if note is not None:
         return _note_figure(name, path, note, context)
     fig = Figure(figsize=(11.5, 6.0), layout="constrained")

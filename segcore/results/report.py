@@ -150,9 +150,13 @@ def _best_value(b: analysis.Best) -> str:
     if b.column == "scaling_efficiency":
         return (f"{_f(r['scaling_efficiency'], '.0f', ' %', scale=100)} (speedup "
                 f"{fmt(r['speedup'], '.2f')}× on {fmt(r['world_size'], 'g')} workers)")
+    if b.column == "common_efficiency":
+        return (f"{_f(r['common_efficiency'], '.0f', ' %', scale=100)} (speedup "
+                f"{fmt(r['common_speedup'], '.2f')}× on {fmt(r['world_size'], 'g')} workers "
+                f"over the 1-worker {_text(r.get('common_baseline'))} run)")
     if b.column == "memory_mb":
         src = _text(r.get("memory_source"))
-        return f"{fmt(r['memory_mb'], '.0f')} MB per worker" + (
+        return f"{fmt(r['memory_mb'], '.0f')} MiB per worker" + (
             f" ({_MEM_SOURCE_TEXT.get(src, src)})" if src else "")
     if b.column == "mIoU":
         return f"mIoU {fmt(r['mIoU'], '.3f')}" + (
@@ -288,7 +292,10 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     t.add("hw ceiling", lambda r: _f(r["hw_ceiling_speedup"], "g", "×"),
           when=bool(d["hw_ceiling_speedup"].notna().any()))
     t.add("efficiency", lambda r: _f(r["scaling_efficiency"], ".0f", " %", scale=100))
-    t.add("memory MB", lambda r: _f(r["memory_mb"], ".0f"))
+    common = d[d["ok"]][["engine", "zero_stage", "loader"]].astype(str).drop_duplicates()
+    t.add("vs common", lambda r: _f(r["common_speedup"], ".2f", "×"),
+          when=len(common) > 1 and bool(d["common_speedup"].notna().any()))
+    t.add("memory MiB", lambda r: _f(r["memory_mb"], ".0f"))
     t.add("launch s", lambda r: _f(r["launch_overhead_s"], ".1f"),
           when=bool(np.isfinite(d["launch_overhead_s"]).any()))
     t.add("flags", _flags, "l")
@@ -305,8 +312,13 @@ def _results_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
             f"{analysis.WALL_SHARE_MIN * 100:.0f} %: flagged wall-gap); p50/p99: step time; data wait: share of "
             "step time spent waiting for input; speedup: throughput over the 1-worker run "
             "of the same configuration (median of its repeats); hw ceiling: the most "
-            "speedup the hardware allows; efficiency: speedup / workers; memory MB: peak "
-            "per worker, max over ranks (" + (", ".join(mem) or "not recorded") + "); "
+            "speedup the hardware allows; efficiency: speedup / workers; vs common (where "
+            "engines or loaders differ): throughput over one common 1-worker baseline "
+            f"({' or '.join(analysis.REFERENCE_ENGINES)} with the "
+            f"{analysis.REFERENCE_LOADERS[0]} loader where run), so engines and loaders "
+            "compare on one scale; memory MiB: the peak per worker over the run's phases "
+            "(warm-up, training, validation), max over ranks ("
+            + (", ".join(mem) or "not recorded") + "); "
             "launch s: launch to first step (see Launch overhead); flags: see "
             "Low-confidence figures."
             + (" J/img: energy per image over the timed window (NVML on a GPU; on a CPU "
@@ -328,6 +340,7 @@ def _accuracy_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
     t.add("mIoU", lambda r: _f(r["mIoU"], ".3f"))
     t.add("mDice", lambda r: _f(r["mDice"], ".3f"))
     t.add("val loss", lambda r: _f(r["val_loss"], ".3f"))
+    t.add("val images", lambda r: _f(r["val_images"], ".0f"))
     t.add("train s", lambda r: _f(r["train_time_s"], ".1f"))
     t.add("time to target s", lambda r: _f(r["time_to_target_s"], ".1f"))
     t.add("quality speedup", lambda r: _f(r["time_to_target_speedup"], ".2f", "×"),
@@ -342,7 +355,10 @@ def _accuracy_section(d: pd.DataFrame, env: dict[str, Any]) -> list[str]:
             "run's time to target over this run's (MLPerf's quality-aware speedup: time "
             "to the same accuracy, not to the same step count).", "",
             f"**{cav.accuracy_budget(acc)}**", "",
-            *_caveat_lines(cav.caveats(acc, env, "accuracy")),
+            f"**Data: {plots.accuracy_basis([(None, acc)])}.**"
+            + (" Synthetic scenes test the code path: these accuracies are not findings "
+               "about drone photos." if (acc["data_source"] == "synthetic").any() else ""),
+            "", *_caveat_lines(cav.caveats(acc, env, "accuracy")),
             t.render(_sorted_rows(acc))]
 
 

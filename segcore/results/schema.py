@@ -183,7 +183,16 @@ COLUMNS: tuple[Column, ...] = (
     _c("mem_workload_phase", "extra", "text",
        meaning="the phase whose peak mem_workload_mb is"),
     _c("loader_img_s", "extra", "float", "img/s", _M,
-       meaning="the loader iterated alone (no model), on the run's worker count"),
+       meaning="the loader iterated alone (no model), on the run's workers, summed over "
+               "ranks"),
+    _c("loader_img_s_per_worker", "extra", "float", "img/s", _M,
+       meaning="loader_img_s per loader worker process (the training process without "
+               "workers)"),
+    _c("loader_batches", "extra", "int", meaning="batches per rank loader_img_s rests on"),
+    _c("loader_s", "extra", "float", "s", meaning="seconds the loader was timed"),
+    _c("loader_step_ratio", "extra", "float", "", _M,
+       meaning="loader_img_s / throughput_img_s: above 1 the loader outruns the step"),
+    _c("decode", "extra", "text", meaning="where the torch loader decoded JPEGs: cpu or gpu"),
     _c("wall_throughput_img_s", "extra", "float", "img/s", _M,
        meaning="images over the whole training window's wall time"),
     _c("measured_time_share", "extra", "float", "", _M,
@@ -210,6 +219,11 @@ COLUMNS: tuple[Column, ...] = (
     _c("speedup_ci95_lo", "derived", "float", "", _M),
     _c("speedup_ci95_hi", "derived", "float", "", _M),
     _c("memory_mb", "derived", "float", "MiB", _M),
+    _c("common_speedup", "derived", "float", "", _M,
+       meaning="throughput over the common 1-worker baseline (one engine and loader)"),
+    _c("common_efficiency", "derived", "float", "", _M,
+       meaning="common_speedup / workers"),
+    _c("common_baseline", "derived", "text", meaning="the engine/loader of that baseline"),
 )
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 if len(BY_NAME) != len(COLUMNS):

@@ -487,7 +487,7 @@ def _run_jobs(jobs: list[Job], spec: SweepSpec, out_dir: Path, sweep_id: str,
             f"{fmt(row.get('wall_throughput_img_s'), '.1f')} img/s, "
             f"{fmt(_pct(row.get('measured_time_share')), '.0f')} % measured)  "
             f"p50 {fmt(row.get('step_ms_p50'), '.0f')} ms  "
-            f"mem {fmt(row.get('mem_workload_mb', row.get('peak_mem_mb')), '.0f')} MB  "
+            f"mem {fmt(row.get('mem_workload_mb', row.get('peak_mem_mb')), '.0f')} MiB  "
             f"mIoU {fmt(row.get('mIoU'), '.3f')}  "
             f"launch {fmt(row.get('launch_overhead_s'), '.1f')} s  ({dt:.0f} s)"
             + (f"  error: {row['error']}" if row["status"] != "ok" else ""))

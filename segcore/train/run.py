@@ -319,6 +319,7 @@ class _Setup:
     engine: Any
     trainer: Trainer
     flops: float | None
+    val_images: int | None = None  # what the accuracy figures rest on
 
 
 def run(cfg: RunConfig, log: Log = print,
@@ -423,7 +424,7 @@ def _setup(cfg: RunConfig, ctx: DistContext, say: Log,
     if ctx.is_primary:  # only now: the configuration used, after any checkpoint loaded
         dump_config(cfg, out / "config.toml")
     return _Setup(cfg, ctx, out, scheme, cond, index, train_loader, val_loader, engine,
-                  trainer, flops)
+                  trainer, flops, val_images=n_val)
 
 
 def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
@@ -452,7 +453,7 @@ def _fit(s: _Setup) -> tuple[TrainResult, dict[str, Any]]:
              "decode": s.cfg.data.decode,
              **loader_columns(s.cfg, ctx, loader, res.timing.get("throughput_img_s")),
              "dist_backend": ctx.backend, "wall_s": wall,
-             "skipped_pairs": len(s.index.problems),
+             "skipped_pairs": len(s.index.problems), "val_images": s.val_images,
              "data_source": "synthetic" if s.cfg.data.source == "synthetic"
              else str(s.index.root), **s.index.fingerprint(),
              "first_step_unix": res.first_step_unix,
@@ -574,5 +575,5 @@ def summary_line(row: dict[str, Any]) -> str:
             f"{row.get('measured_steps')} measured steps), step p50 "
             f"{fmt(row.get('step_ms_p50'), '.0f')} ms, data wait "
             f"{fmt(row.get('data_wait_pct'), '.1f')} %, memory "
-            f"{fmt(row.get('mem_workload_mb'), '.0f')} MB above baseline, mIoU "
+            f"{fmt(row.get('mem_workload_mb'), '.0f')} MiB above baseline, mIoU "
             f"{fmt(row.get('mIoU'), '.3f')}, train {fmt(row.get('train_time_s'), '.0f')} s")
