@@ -90,6 +90,9 @@ def wants_gis(args: argparse.Namespace) -> bool:
 
 @dataclass
 class _Prepared:
+    """The loaded checkpoint, its property table, the settled settings, the tiled model
+    (:class:`segcore.gis.raster.TiledModel`) and the run's metadata."""
+
     loaded: Any
     table: Any
     settings: Any
