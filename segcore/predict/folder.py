@@ -474,8 +474,8 @@ class _FolderRun:
     def _drain(self, pending: deque[_Pending], keep: int) -> None:
         """Finish photos in order: those done, and (waiting) all but the last ``keep``."""
         while pending and (len(pending) > keep
-                           or all(f.done() for _, f in pending[0].files)
-                           and (pending[0].truth is None or pending[0].truth.done())):
+                           or (all(f.done() for _, f in pending[0].files)
+                               and (pending[0].truth is None or pending[0].truth.done()))):
             self._finish(pending[0])
             pending.popleft()
 

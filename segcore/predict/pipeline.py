@@ -90,6 +90,11 @@ class StageTimes:
         with self._lock:
             self.busy[stage] += seconds
 
+    def count_fallback(self) -> None:
+        """One JPEG that ``--decode gpu`` left to PIL."""
+        with self._lock:
+            self.cpu_fallbacks += 1
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Count the time spent in the ``with`` block as ``name``'s busy time."""
@@ -210,8 +215,7 @@ class PhotoReader:
             pixels = self._read_on_device(path)
             if pixels is not None:
                 return pixels, None
-            with self.times._lock:
-                self.times.cpu_fallbacks += 1
+            self.times.count_fallback()
         host = read_image(path, self.max_pixels)  # ImageReadError: skipped
         # Uploaded here, off the model's thread, as stored (HWC: one contiguous copy);
         # the CHW view costs nothing on either side.
