@@ -143,16 +143,21 @@ def dim_rank(col: str) -> int:
 # --------------------------------------------------------------------------- context
 
 
-def describe_context(df: pd.DataFrame | None, env: dict[str, Any]) -> str:
-    """One line naming the sweep and hardware, drawn under every figure title.
+def describe_context(df: pd.DataFrame | None, env: dict[str, Any],
+                     folder: str | None = None) -> str:
+    """One line naming the results folder, sweep and hardware, drawn under every figure
+    title.
 
     Args:
         df: the rows (for the sweep id and device type); may be None.
         env: env.json contents; may be empty.
+        folder: the results folder's name: figures are titled with their own folder,
+            and a sweep id that differs from it (a folder renamed or copied) is named
+            as the sweep id, apart.
 
     Returns:
         e.g. ``"sweep s1 · cpu-2c-intel-xeon · CPU: relative effects, not GPU
-        performance"``.
+        performance"`` or ``"v0.1 (sweep id s1) · ..."``.
     """
     parts = []
     ids = []
@@ -160,8 +165,13 @@ def describe_context(df: pd.DataFrame | None, env: dict[str, Any]) -> str:
         ids = sorted({str(v) for v in (norm(x) for x in df["sweep_id"]) if v is not None})
     if not ids and env.get("sweep_id"):
         ids = [str(env["sweep_id"])]
-    if ids:
-        parts.append("sweep " + ", ".join(ids[:2]) + (" ..." if len(ids) > 2 else ""))
+    shown = ", ".join(ids[:2]) + (" ..." if len(ids) > 2 else "")
+    if folder and ids and ids != [folder]:
+        parts.append(f"{folder} (sweep id {shown})")
+    elif folder:
+        parts.append(folder)
+    elif ids:
+        parts.append("sweep " + shown)
     tag = hardware_tag(env) if env else None
     if tag and not any(i.startswith(tag) for i in ids):  # default ids start with the tag
         parts.append(tag)

@@ -516,14 +516,14 @@ def write_report(folder: str | Path, plot_results: dict[str, plots.PlotResult] |
     env = read_env(folder)
     d = analysis.frame(df)
     if plot_results is None:
-        plot_results = plots.plot_all(d, out / "plots", describe_context(df, env))
+        plot_results = plots.plot_all(d, out / "plots",
+                                      describe_context(df, env, folder.resolve().name))
     ids = sorted({str(v) for v in (norm(x) for x in d["sweep_id"]) if v is not None})
-    sweep = ", ".join(ids) or env.get("sweep_id") or folder.resolve().name
+    sweep = ", ".join(ids) or env.get("sweep_id") or "not recorded"
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    lines = [f"# Benchmark report: {sweep}", "",
-             f"{_status_summary(d)}. Results folder `{folder.resolve().name}`; report "
-             f"written {now} from runs.jsonl (redraw: `python launch/plot.py "
-             f"{folder.as_posix()}`).", ""]
+    lines = [f"# Benchmark report: {folder.resolve().name}", "",
+             f"{_status_summary(d)}. Sweep id {sweep}; report written {now} from "
+             f"runs.jsonl (redraw: `python launch/plot.py {folder.as_posix()}`).", ""]
     if cav.is_cpu(d, env):
         lines += ["> **⚠ CPU run: CPU timings show code paths and relative effects, not "
                   "GPU performance.** Each worker is a CPU process (gloo backend) sharing "
