@@ -9,6 +9,10 @@ Writes to --out, per image: <stem>_classes.png (class indices), <stem>_color.png
 row per image and an area-weighted ALL row: impervious fraction, runoff coefficient C
 low/typical/high, unknown share, class fractions; with --truth also truth values and
 errors), summary.png and timing.json (busy seconds per stage, wall time, Mpx/s).
+Georeferenced GeoTIFF orthomosaics (or --zones / --grid) give <stem>_classes.tif, a
+Cloud-Optimized GeoTIFF in the input's CRS, and with --zones / --grid per-zone
+statistics in m^2 with the rational-method peak flow: zones.gpkg / .geojson / .csv
+(docs/GIS.md).
 Decoding, inference and writing overlap (docs/PREDICTION.md). Exit status: 0 done (some images may have been skipped: see the summary),
 1 every image failed, 2 bad arguments or inputs, 3 out of memory.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segcore.faults import is_oom  # noqa: E402
+from segcore.gis.cli import add_gis_arguments, run_gis, wants_gis  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
                    help="threads writing outputs, and photos written at a time (default "
                         "half the cores, 1-8; 0: write in the model's thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_gis_arguments(p)  # GeoTIFF orthomosaics, --zones, --grid (segcore/gis, docs/GIS.md)
     return p
 
 
@@ -161,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
                 torch.backends.cudnn.benchmark = True
         hooks = Hooks(log=bars.log, image_started=bars.image_started,
                       tiles_done=bars.tiles_done, image_finished=bars.image_finished)
+        if wants_gis(a):  # GeoTIFFs, --zones, --grid: segcore/gis prints its own summary
+            rc = run_gis(a, settings, hooks)
+            bars.close()
+            return rc
         t0 = time.perf_counter()
         res = predict_checkpoint(a.checkpoint, a.images, a.out, settings=settings,
                                  truth=a.truth, truth_kind=a.truth_kind,

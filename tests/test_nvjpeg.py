@@ -98,7 +98,7 @@ def test_bad_arguments(tmp_path):
 def test_check_gpu_decode_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match=r"^--decode gpu needs a CUDA device, but this run "
-                                          r"uses cpu; use --device cuda"):
+                                          r"uses cpu; run on CUDA"):
         check_gpu_decode("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="none is available") as e:

@@ -113,7 +113,8 @@ def check_gpu_decode(device: torch.device | str, decoder: Decoder | None = None)
                               "(torch.cuda.is_available() is False); use --decode cpu")
         if device.type != "cuda":
             raise ConfigError(f"--decode gpu needs a CUDA device, but this run uses "
-                              f"{device}; use --device cuda (or --decode cpu)")
+                              f"{device}; run on CUDA (predict.py: --device cuda) or use "
+                              "--decode cpu")
         decoder = default_decoder()
     try:
         out = list(decoder([as_byte_tensor(_tiny_jpeg())], device=device))

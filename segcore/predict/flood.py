@@ -448,6 +448,26 @@ def surface_stats(class_map: Any, class_names: Sequence[str], table: PropertyTab
     return _derive(table.scheme, names, table.to_dict(), counts, ignored)
 
 
+def stats_from_counts(counts: np.ndarray, class_names: Sequence[str], table: PropertyTable,
+                      ignored: int = 0) -> dict[str, Any]:
+    """:func:`surface_stats` of a map known only by its class counts (counted on the
+    model's device, or per zone): the same derivation.
+
+    Args:
+        counts: pixels per class, in ``class_names`` order.
+        ignored: pixels of no class (outside the survey).
+    """
+    names = tuple(class_names)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.shape != (len(names),):
+        raise ValueError(f"{counts.shape} counts for {len(names)} classes")
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"surface property table ({table.scheme}, {table.source}) has no "
+                         f"entry for class(es) {missing}")
+    return _derive(table.scheme, names, table.to_dict(), counts, int(ignored))
+
+
 def aggregate(stats_list: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Combine :func:`surface_stats` results of many images (a folder).
 

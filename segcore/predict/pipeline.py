@@ -340,16 +340,12 @@ def class_counts(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def stats_from_counts(counts: np.ndarray, sch: ClassScheme,
                       table: PropertyTable) -> dict[str, Any]:
-    """:func:`segcore.predict.flood.surface_stats` of a map from its class counts.
+    """:func:`segcore.predict.flood.surface_stats` of a predicted map from its class
+    counts (made on the device instead of a host ``np.bincount``; a predicted map has no
+    ignored pixels): :func:`segcore.predict.flood.stats_from_counts`."""
+    from segcore.predict.flood import stats_from_counts as from_counts
 
-    The same derivation (flood's ``_derive``, which ``surface_stats`` and ``aggregate``
-    share), fed with counts made on the device instead of a host ``np.bincount``; a
-    predicted map has no ignored pixels.
-    """
-    from segcore.predict.flood import _derive
-
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.shape != (len(sch.names),):
-        raise ValueError(f"{counts.shape} counts for the {len(sch.names)} classes of "
+    if np.shape(counts) != (len(sch.names),):
+        raise ValueError(f"{np.shape(counts)} counts for the {len(sch.names)} classes of "
                          f"{sch.name!r}")
-    return _derive(table.scheme, sch.names, table.to_dict(), counts, 0)
+    return from_counts(counts, sch.names, table)
