@@ -37,7 +37,7 @@ from segcore.gis import raster as gis_raster  # noqa: E402
 from segcore.gis.raster import TiledModel, inspect_raster, predict_raster  # noqa: E402
 from segcore.predict.blocks import plan_blocks, predict_classes  # noqa: E402
 from segcore.predict.flood import load_properties  # noqa: E402
-from test_predict import COEF, SURFACE, colour_checkpoint, red_code  # noqa: E402
+from test_predict import COEF, SURFACE, colour_checkpoint, launcher, red_code  # noqa: E402
 
 SIX = make_scheme("six")
 H, W, PX = 48, 64, 0.5
@@ -129,9 +129,11 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def run(capsys, ckpt, images, out, *extra) -> tuple[int, str, str]:
+    """launch/predict.py as a user types it (it hands GeoTIFFs and zones to segcore.gis)."""
     capsys.readouterr()  # what the test printed before (rasterio warnings) is not the run's
-    rc = gis_cli.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(out),
-                       "--tile", "32", "--device", "cpu", *map(str, extra)])
+    rc = launcher.main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(out),
+                        "--tile", "32", "--device", "cpu", "--no-progress",
+                        *map(str, extra)])
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
