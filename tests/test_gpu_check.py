@@ -123,7 +123,8 @@ def test_cpu_form_of_the_whole_check(tmp_path):
     allowed_skips = {"dali", "zero2", "zero3", "compile"}  # optional packages
     assert all(v == "pass" or (v == "skip" and k in allowed_skips) for k, v in status.items())
     for name in ("env.json", "summary.md", "logs/accuracy.log",
-                 "steps/accuracy/checkpoint.pt", "steps/predict/pred/photo_classes.png"):
+                 "steps/accuracy/checkpoint.pt", "steps/predict/pred/photo0_classes.png",
+                 "steps/predict/pred/timing.json"):
         assert (tmp_path / name).is_file(), name
     timing = next(s for s in summary["steps"] if s["name"] == "timing")["numbers"]
     assert timing["default"]["per_step_img_s"] > 0 and timing["default"]["windowed_img_s"] > 0
