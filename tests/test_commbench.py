@@ -158,6 +158,8 @@ def test_spawn_commbench_on_two_gloo_workers():
     assert math.isfinite(model["ddp_allreduce_fit_s"])
 
 
+# Slow (10 s): commbench under torchrun runs in CI through the headline sweep (test_headline).
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_commbench_cli_plain_python_and_under_torchrun(tmp_path):
     args = ["--depths", "2", "--sizes", "4096,65536", "--repeats", "3"]

@@ -82,6 +82,8 @@ def test_ddp_two_workers_equal_one_worker_with_double_batch(tmp_path, env):
     assert row["world_size"] == 2 and row["global_batch_size"] == 4
 
 
+# Slow (18 s): sync_bn's rule is checked in CI by test_engines; this is the end-to-end equivalence.
+@pytest.mark.slow
 def test_batchnorm_equivalence_needs_sync_bn(tmp_path, env):
     # The default modern U-Net with BatchNorm: each worker normalizes over its half batch
     # unless --sync-bn makes the statistics global.

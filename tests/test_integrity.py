@@ -133,6 +133,8 @@ def test_kill_9_of_the_driver_takes_its_job_along_and_resume_completes(tmp_path,
     assert [c["resume"] for c in commands] == [False, True]
 
 
+# Slow (11 s): OOM exit 3 (test_cpu_allocator_failure...) and a failing rank (test_distributed) run in CI.
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_oom_and_killed_rank_become_oom_rows(tmp_path, env):
     out = tmp_path / "o"
@@ -156,6 +158,8 @@ def test_cpu_allocator_failure_is_exit_3_with_one_line(tmp_path, env):
     assert "Traceback" not in p.stderr
 
 
+# Slow (18 s): --resume with the saved configuration runs in CI in gpu_check's compile step and test_trainer.
+@pytest.mark.slow
 def test_train_resume_continues_the_saved_configuration(tmp_path, env):
     out = tmp_path / "r"
     base = [sys.executable, TRAIN, "--image-size", "64", "--widths", "8,16",

@@ -190,6 +190,8 @@ def test_a_failing_job_says_so_with_each_node_error(slurm, tmp_path):
     assert "batch_size" in proc.stderr  # the node's own error line, shown in the job output
 
 
+# Slow (11 s): SIGTERM handling runs in CI through the sweep (test_integrity); this adds the template.
+@pytest.mark.slow
 @pytest.mark.multiproc
 def test_sigterm_before_the_time_limit_reaches_the_workers_and_resume_keeps_the_id(
         slurm, tmp_path):
