@@ -254,7 +254,7 @@ def test_report_gpu_folder_has_no_cpu_note(tmp_path):
     fake_env(tmp_path, cpu=False)
     text = report.write_report(tmp_path).read_text()
     assert "CPU timings" not in text
-    assert "1 × NVIDIA H100 80GB HBM3 (80 GB)" in text
+    assert "1 × NVIDIA H100 80GB HBM3 (80 GiB)" in text
     assert "No confidence interval recorded and no repeats" in text
     assert "## Accuracy\n" not in text  # throughput-only rows
 

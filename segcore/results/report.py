@@ -102,7 +102,7 @@ def _env_section(env: dict[str, Any]) -> list[str]:
     if devices:
         names: dict[str, int] = {}
         for dev in devices:
-            mem = _f(dev.get("memory_mb"), ".0f", " GB", scale=1 / 1024)
+            mem = _f(dev.get("memory_mb"), ".0f", " GiB", scale=1 / 1024)
             name = f"{dev.get('name') or 'GPU'}" + (f" ({mem})" if mem else "")
             names[name] = names.get(name, 0) + 1
         dev_text = ", ".join(f"{n} × {name}" for name, n in names.items())
@@ -112,9 +112,19 @@ def _env_section(env: dict[str, Any]) -> list[str]:
     usable = env.get("cpu_affinity_count")
     cpu = f"{env.get('cpu_model') or 'unknown'}, {cores or '?'} cores" + (
         f" ({usable} usable)" if usable and usable != cores else "")
-    ram = _f(env.get("mem_total_mb"), ".0f", " GB RAM", scale=1 / 1024)
+    ram = _f(env.get("mem_total_mb"), ".0f", " GiB RAM", scale=1 / 1024)
     if ram:
         cpu += f", {ram}"
+    ident = env.get("cpu_id") if isinstance(env.get("cpu_id"), dict) else {}
+    if ident:
+        flags = set(ident.get("flags") or [])
+        cpu += (f"; {ident.get('vendor', '?')} family {ident.get('family', '?')} model "
+                f"{ident.get('model', '?')} stepping {ident.get('stepping', '?')}; "
+                + ("bf16 native (avx512_bf16)" if flags & {"avx512_bf16", "amx_bf16"}
+                   else "bf16 emulated (no avx512_bf16 / amx)")
+                + ("" if not flags else f"; flags {', '.join(sorted(flags))}"))
+    else:
+        cpu += "; identity not recorded (family, model and flags unknown)"
     commit = env.get("git_commit")
     commit_text = (commit[:12] if commit else None)
     if commit_text and env.get("git_dirty"):

@@ -298,8 +298,9 @@ def plot_scaling(rows: Sequence[Mapping[str, Any]], workloads: Mapping[tuple, Wo
     axes[1].set_ylim(0, top)
     axes[2].set_ylim(0, 1.1)
     axes[0].legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"Scaling model on {net.name}, h = {hidden:.2f} (lines: model; points: "
-                 "measured)", fontsize=9)
+    fig.suptitle(f"Scaling model on {net.name}, h = {hidden:.2f} (lines: model"
+                 + ("; bands: its interval; grey: beyond the measured worker counts"
+                    if bounds_ is not None else "") + "; points: measured)", fontsize=9)
     fig.tight_layout()
     return save_figure_atomic(fig, path)
 
