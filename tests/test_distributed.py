@@ -101,6 +101,8 @@ def test_batchnorm_equivalence_needs_sync_bn(tmp_path, env):
         assert y == pytest.approx(x, rel=1e-5, abs=1e-6)
 
 
+# Slow (13 s): DeepSpeed runs in CI through ZeRO-3 here, the launcher test and test_engines.
+@pytest.mark.slow
 def test_deepspeed_zero2_matches_ddp(tmp_path, env):
     ddp, ds = tmp_path / "ddp", tmp_path / "ds"
     common = TINY + ["--batch-size", "2", "--steps", "5"]
