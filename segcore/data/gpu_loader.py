@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from segcore.data.dataset import (AugmentParams, SegDataset, augment_array, check_sizes,
-                                  make_train_loader, mean_std, normalize_batch, pad_mask,
-                                  pad_mode)
+from segcore.data.dataset import (AugmentParams, DeviceBatches, SegDataset, augment_array,
+                                  check_sizes, make_train_loader, mean_std, normalize_batch,
+                                  pad_mask, pad_mode)
 from segcore.data.layouts import DatasetError, Sample
 from segcore.data.nvjpeg import Decoder, GpuDecodeError, decode_jpegs
 
@@ -165,7 +165,7 @@ def crop_on_device(image: torch.Tensor, p: AugmentParams,
     return out.flip(dims) if dims else out
 
 
-class GpuDecodeBatches:
+class GpuDecodeBatches(DeviceBatches):
     """A loader of :class:`JpegCrops` batches as training batches on ``device``.
 
     Each batch's JPEGs are decoded in one call of ``decoder`` (nvJPEG by default), cut
@@ -183,20 +183,12 @@ class GpuDecodeBatches:
 
     def __init__(self, loader: DataLoader, device: torch.device | str,
                  channels_last: bool = True, decoder: Decoder | None = None) -> None:
-        self.loader, self.device = loader, torch.device(device)
-        self.channels_last, self.decoder = channels_last, decoder
-        self.sampler = getattr(loader, "sampler", None)
-        self.dataset = getattr(loader, "dataset", None)
-        self.num_workers = int(getattr(loader, "num_workers", 0))
-        self._stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(loader, device, channels_last)
+        self.decoder = decoder
 
-    def set_epoch(self, epoch: int) -> None:
-        for obj in (self.sampler, self.dataset):
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
+    def on(self, device: torch.device | str) -> "GpuDecodeBatches":
+        """The same batches decoded on another device."""
+        return GpuDecodeBatches(self.loader, device, self.channels_last, self.decoder)
 
     def _names(self, idx: torch.Tensor) -> list[str]:
         samples = self.dataset.samples
