@@ -101,42 +101,22 @@ class _Prepared:
 
 
 def _prepare(args: argparse.Namespace, settings: Any) -> _Prepared:
-    """Load the checkpoint and settle the settings, as predict_checkpoint does."""
-    from segcore.config import ConfigError
-    from segcore.faults import one_line
+    """Load the checkpoint and settle the settings (the photo run's own checks:
+    :func:`segcore.predict.folder.settled_for`)."""
     from segcore.gis.raster import TiledModel
-    from segcore.model.unet import check_input_size
     from segcore.precision import DTYPES
-    from segcore.predict import PredictError
     from segcore.predict.flood import load_properties
-    from segcore.predict.folder import PredictSettings
-    from segcore.predict.model import load_model, resolve_device
+    from segcore.predict.folder import prediction_device, settled_for
+    from segcore.predict.model import load_model
 
-    device = resolve_device(settings.device)
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise PredictError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    device = prediction_device(settings)
     loaded = load_model(args.checkpoint, device)
     table = load_properties(getattr(args, "properties", None), loaded.scheme.name)
-    try:
-        check_input_size(loaded.cfg.model, settings.tile, settings.tile)
-    except ConfigError as e:
-        raise PredictError(f"--tile {settings.tile} does not fit the checkpoint's model: "
-                           f"{one_line(e)}") from None
-    threshold = settings.threshold
-    if threshold is None:
-        if loaded.cfg.data.pred_threshold != "fixed":
-            raise PredictError("the checkpoint validates with --pred-threshold "
-                               f"{loaded.cfg.data.pred_threshold} (equal shares per image); "
-                               "pass --threshold P (e.g. 0.5) for a fixed probability cut")
-        threshold = 0.5
-    channels_last = (loaded.cfg.model.channels_last if settings.channels_last is None
-                     else settings.channels_last)
-    settings = PredictSettings(**{**settings.to_dict(), "threshold": threshold,
-                                  "channels_last": channels_last})
+    settings = settled_for(loaded, settings)
     model = TiledModel(loaded.model, loaded.num_out_channels, settings.tile, settings.overlap,
                        settings.batch_size, device,
                        None if settings.precision == "fp32" else DTYPES[settings.precision],
-                       channels_last, threshold, settings.max_block_mb)
+                       settings.channels_last, settings.threshold, settings.max_block_mb)
     meta = {"checkpoint": str(Path(args.checkpoint)), "epoch": loaded.epoch,
             "device": str(device), "scheme": loaded.scheme.name}
     return _Prepared(loaded, table, settings, model, meta)

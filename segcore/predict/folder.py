@@ -564,6 +564,51 @@ class _FolderRun:
             self.hooks.image_finished(item.photo.index, self.total, entry["row"])
 
 
+def prediction_device(settings: PredictSettings) -> torch.device:
+    """The device ``settings`` ask for, refused in one line where its precision cannot
+    run (fp16 on a CPU)."""
+    device = resolve_device(settings.device)
+    if settings.precision == "fp16" and device.type != "cuda":
+        raise PredictError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return device
+
+
+def settled_for(loaded: Any, settings: PredictSettings) -> PredictSettings:
+    """``settings`` checked against a loaded checkpoint and completed from it: the tile
+    must fit the architecture, ``channels_last`` follows the checkpoint when unset, and
+    the binary threshold is the checkpoint's fixed 0.5 (a per-image median/mean rule is
+    refused without ``--threshold``). Shared by the photo and GeoTIFF runs.
+
+    Raises:
+        PredictError: a tile the model cannot take, or a median/mean rule without a
+            threshold.
+    """
+    from segcore.model.unet import check_input_size
+
+    try:
+        check_input_size(loaded.cfg.model, settings.tile, settings.tile)
+    except ConfigError as e:
+        msg = one_line(e).replace("--image-size", "--tile")
+        for side in ("image height", "image width"):
+            msg = msg.replace(side, "tile side")
+        raise PredictError(f"--tile {settings.tile} does not fit the checkpoint's model: "
+                           f"{msg}") from None
+    if settings.channels_last is None:
+        settings = PredictSettings(**{**settings.to_dict(),
+                                      "channels_last": loaded.cfg.model.channels_last})
+    rule = loaded.cfg.data.pred_threshold
+    if settings.threshold is None:
+        if rule != "fixed":
+            # A per-image median/mean split gives every photo the same paved share by
+            # construction (the study's evaluation): as a flood map it would be wrong.
+            raise PredictError(f"the checkpoint validates with --pred-threshold {rule} (each "
+                               "image split into equal shares), which would give every photo "
+                               "the same paved share; pass --threshold P (e.g. 0.5) to map "
+                               "with a fixed probability cut")
+        settings = PredictSettings(**{**settings.to_dict(), "threshold": 0.5})
+    return settings
+
+
 def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Path, *,
                        settings: PredictSettings | None = None,
                        truth: str | Path | None = None, truth_kind: str = "target",
@@ -593,12 +638,8 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
             (checked before the checkpoint is loaded).
         segcore.predict.flood.PropertyError: an invalid property file.
     """
-    from segcore.model.unet import check_input_size
-
     settings = settings or PredictSettings()
-    device = resolve_device(settings.device)
-    if settings.precision == "fp16" and device.type != "cuda":
-        raise PredictError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    device = prediction_device(settings)
     if settings.decode == "gpu":
         from segcore.data.nvjpeg import check_gpu_decode
 
@@ -611,27 +652,7 @@ def predict_checkpoint(checkpoint: str | Path, images: str | Path, out: str | Pa
     table = load_properties(properties, sch.name)
     with _as_predict_error():
         truth_map = find_truth(truth, files) if truth is not None else None
-    try:
-        check_input_size(loaded.cfg.model, settings.tile, settings.tile)
-    except ConfigError as e:
-        msg = one_line(e).replace("--image-size", "--tile")
-        for side in ("image height", "image width"):
-            msg = msg.replace(side, "tile side")
-        raise PredictError(f"--tile {settings.tile} does not fit the checkpoint's model: "
-                           f"{msg}") from None
-    if settings.channels_last is None:
-        settings = PredictSettings(**{**settings.to_dict(),
-                                      "channels_last": loaded.cfg.model.channels_last})
-    rule = loaded.cfg.data.pred_threshold
-    if settings.threshold is None:
-        if rule != "fixed":
-            # A per-image median/mean split gives every photo the same paved share by
-            # construction (the study's evaluation): as a flood map it would be wrong.
-            raise PredictError(f"the checkpoint validates with --pred-threshold {rule} (each "
-                               "image split into equal shares), which would give every photo "
-                               "the same paved share; pass --threshold P (e.g. 0.5) to map "
-                               "with a fixed probability cut")
-        settings = PredictSettings(**{**settings.to_dict(), "threshold": 0.5})
+    settings = settled_for(loaded, settings)
     cfg = loaded.cfg
     meta = {"checkpoint": str(Path(checkpoint)), "epoch": loaded.epoch,
             "device": str(device),
